@@ -1,0 +1,6 @@
+//! # comodit-agent (being assembled)
+
+pub mod facts;
+pub mod platform;
+pub mod providers;
+pub mod run;

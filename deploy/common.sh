@@ -1,0 +1,73 @@
+# Shared by deploy/*.sh: install and start what comodit needs on Debian/Ubuntu.
+# Sourced, not run. Every function is idempotent: it does nothing when the thing is already there.
+
+set -euo pipefail
+
+log() { printf '\033[1m==> %s\033[0m\n' "$*" >&2; }
+die() { printf 'error: %s\n' "$*" >&2; exit 1; }
+
+as_root() {
+  if [ "$(id -u)" -eq 0 ]; then "$@"; else sudo "$@"; fi
+}
+
+APT_UPDATED=""
+apt_install() {
+  local missing=()
+  for p in "$@"; do
+    dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+  done
+  [ ${#missing[@]} -eq 0 ] && return 0
+  command -v apt-get >/dev/null || die "apt-get not found: install ${missing[*]} by hand"
+  if [ -z "$APT_UPDATED" ]; then
+    log "apt-get update"
+    as_root apt-get update -qq
+    APT_UPDATED=1
+  fi
+  log "installing ${missing[*]}"
+  as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+}
+
+# The Rust toolchain: the machine's rustup one, or Debian's cargo as a fallback.
+ensure_rust() {
+  if ! command -v cargo >/dev/null; then
+    [ -x "$HOME/.cargo/bin/cargo" ] && export PATH="$HOME/.cargo/bin:$PATH"
+  fi
+  command -v cargo >/dev/null || apt_install cargo rustc
+  command -v cc >/dev/null || apt_install gcc libc6-dev
+  command -v pkg-config >/dev/null || apt_install pkg-config
+}
+
+rabbitmq_up() { as_root rabbitmqctl -q await_startup --timeout 2 >/dev/null 2>&1; }
+
+# RabbitMQ from the distribution, with the management and event-exchange plugins, started with a
+# raised open-files limit (thousands of queues starve the default 1,024; DESIGN §5).
+ensure_rabbitmq() {
+  apt_install rabbitmq-server curl
+  as_root rabbitmq-plugins --offline -q enable rabbitmq_management rabbitmq_event_exchange >/dev/null
+  if rabbitmq_up; then
+    # Plugins enabled offline need a running node to pick them up.
+    as_root rabbitmq-plugins -q enable rabbitmq_management rabbitmq_event_exchange >/dev/null
+    return 0
+  fi
+  log "starting rabbitmq"
+  if [ -d /run/systemd/system ]; then
+    as_root systemctl start rabbitmq-server
+  else
+    # No systemd (containers, CI sandboxes): start the node directly, dropping to
+    # the rabbitmq user by itself.
+    # the rabbitmq user by setpriv, which (unlike su) keeps the raised open-files limit.
+    as_root mkdir -p /var/log/rabbitmq
+    as_root chown rabbitmq:rabbitmq /var/log/rabbitmq
+    as_root bash -c 'want=65536; hard=$(ulimit -Hn); [ "$hard" != unlimited ] && [ "$hard" -lt "$want" ] && want=$hard
+      ulimit -n "$want"; cd /var/lib/rabbitmq
+      setsid setpriv --reuid=rabbitmq --regid=rabbitmq --init-groups env HOME=/var/lib/rabbitmq \
+        /usr/lib/rabbitmq/bin/rabbitmq-server >>/var/log/rabbitmq/comodit-start.log 2>&1 < /dev/null &'
+  fi
+  local i
+  for i in $(seq 1 120); do
+    rabbitmq_up && break
+    sleep 1
+  done
+  rabbitmq_up || die "rabbitmq did not start; see /var/log/rabbitmq/"
+  log "rabbitmq is up ($(as_root rabbitmqctl -q status 2>/dev/null | grep -A2 'File Descriptors' | grep -o 'limit: [0-9]*' | head -n1) open files)"
+}
