@@ -198,11 +198,13 @@ pub fn which(program: &str) -> Option<std::path::PathBuf> {
         return p.is_file().then_some(p);
     }
     let path = std::env::var("PATH").unwrap_or_default();
-    path.split(':')
+    let found = path
+        .split(':')
         .chain(["/usr/local/sbin", "/usr/sbin", "/sbin", "/usr/bin", "/bin"])
         .filter(|d| !d.is_empty())
         .map(|d| std::path::Path::new(d).join(program))
-        .find(|p| p.is_file())
+        .find(|p| p.is_file());
+    found
 }
 
 /// A scripted runner for unit tests: records every invocation and answers from a queue of outputs
