@@ -95,6 +95,11 @@ pub enum RunError {
 }
 
 /// Runs `spec` to completion, the timeout or `cancel` (see the module documentation).
+///
+/// `chunks` is where streamed output goes (the agent passes one when `spec.stream` is set); the
+/// capped copy in the result is kept either way. `spec` is validated first (protocol limits), so a
+/// spec that did not come through `Command::decode` is still refused cleanly. Needs a tokio runtime
+/// with its IO and time drivers (`enable_all`): exits are watched through `SIGCHLD`.
 pub async fn run(
     spec: &RunSpec,
     chunks: Option<mpsc::Sender<(Stream, String)>>,
@@ -398,7 +403,13 @@ fn child_env(extra: &BTreeMap<String, String>) -> BTreeMap<String, String> {
 }
 
 /// The home directory of the agent's effective user in the password database, `/` without one.
+/// Looked up once: the agent's own user does not change while it runs.
 pub fn home_of_effective_user() -> String {
+    static HOME: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    HOME.get_or_init(lookup_home).clone()
+}
+
+fn lookup_home() -> String {
     // SAFETY: geteuid cannot fail.
     let uid = unsafe { libc::geteuid() };
     let mut buf = vec![0 as libc::c_char; 1024];
@@ -444,14 +455,28 @@ fn check_cwd(program: &str, cwd: &str) -> Result<(), RunError> {
 fn spawn_error(program: &str, env: &BTreeMap<String, String>, cwd: &str, e: io::Error) -> RunError {
     let program_s = program.to_owned();
     match e.kind() {
-        io::ErrorKind::NotFound if program.contains('/') => RunError::NotFound {
-            program: program_s,
-            detail: "no such file".to_owned(),
-        },
-        io::ErrorKind::NotFound => RunError::NotFound {
-            program: program_s,
-            detail: format!("not found on PATH={}", env.get("PATH").map_or("", |p| p)),
-        },
+        // ENOENT from exec also means a missing `#!` interpreter or dynamic loader: say which.
+        io::ErrorKind::NotFound => {
+            let path = env.get("PATH").map_or("", String::as_str);
+            let exists = if program.contains('/') {
+                std::path::Path::new(cwd).join(program).is_file()
+            } else {
+                path.split(':')
+                    .filter(|d| !d.is_empty())
+                    .any(|d| std::path::Path::new(d).join(program).is_file())
+            };
+            let detail = if exists {
+                "its interpreter (#! line) or dynamic loader is missing".to_owned()
+            } else if program.contains('/') {
+                "no such file".to_owned()
+            } else {
+                format!("not found on PATH={path}")
+            };
+            RunError::NotFound {
+                program: program_s,
+                detail,
+            }
+        }
         io::ErrorKind::PermissionDenied => RunError::PermissionDenied { program: program_s },
         // The directory vanished between the check and the spawn.
         _ if !std::path::Path::new(cwd).is_dir() => RunError::BadCwd {
@@ -801,6 +826,15 @@ mod tests {
         assert!(matches!(&err, RunError::NotFound { .. }), "{err}");
 
         let dir = tempfile::tempdir().unwrap();
+        let orphan = dir.path().join("bad-interpreter");
+        std::fs::write(&orphan, "#!/nonexistent/interpreter\n").unwrap();
+        std::fs::set_permissions(&orphan, std::os::unix::fs::PermissionsExt::from_mode(0o755))
+            .unwrap();
+        let err = run(&spec(&[orphan.to_str().unwrap()]), None, token())
+            .await
+            .unwrap_err();
+        assert!(err.to_string().contains("interpreter"), "{err}");
+
         let script = dir.path().join("not-executable");
         std::fs::write(&script, "#!/bin/sh\necho hi\n").unwrap();
         let err = run(&spec(&[script.to_str().unwrap()]), None, token())
