@@ -67,13 +67,15 @@ pub fn for_platform(
         Some(PackageManager::Dnf | PackageManager::Yum) => RepoFormat::Yum,
         Some(PackageManager::Zypper) => RepoFormat::Zypper,
         Some(PackageManager::Apk) => RepoFormat::Apk,
-        None => return Box::new(Unsupported::new(
-            "repos",
-            format!(
+        None => {
+            return Box::new(Unsupported::new(
+                "repos",
+                format!(
                 "no supported package manager (apt, dnf, yum, zypper, apk) on this host ({} {})",
                 platform.distribution, platform.version
             ),
-        )),
+            ))
+        }
     };
     Box::new(Repos::new(format, runner, root))
 }

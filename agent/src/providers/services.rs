@@ -200,10 +200,6 @@ impl<B: Backend> Services<B> {
     pub fn new(backend: B) -> Self {
         Services { backend }
     }
-
-    pub fn backend(&self) -> &B {
-        &self.backend
-    }
 }
 
 impl<B: Backend> Provider for Services<B> {
