@@ -315,6 +315,11 @@ async fn watch_connection(
         tokio::select! {
             _ = shared.shutdown.cancelled() => return End::Shutdown,
             event = events.next() => match event {
+                // lapin also reports channel-level (soft) errors here, e.g. a publish refused
+                // with 403: those closed one channel, not the connection.
+                Some(Event::Error(e)) if e.is_amqp_soft_error() && live.is_connected() => {
+                    debug!(error = %e, "channel closed by the broker");
+                }
                 Some(Event::Error(e)) => return End::Lost(e.to_string()),
                 Some(Event::ConnectionBlocked(reason)) => warn!(%reason, "the broker blocked the connection"),
                 Some(Event::ConnectionUnblocked) => info!("the broker unblocked the connection"),

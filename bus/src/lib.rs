@@ -14,6 +14,8 @@
 //!   `Unroutable`, `Refused`) or whether the outcome is unknown ([`BusError::Unknown`]).
 //! - [`Bus::consume`] returns a [`Consumer`] whose [`Delivery`]s are acked by the caller once
 //!   their effect is durable. It re-subscribes after every reconnect.
+//! - [`Bus::request`] publishes with RabbitMQ's direct reply-to and waits for the one reply
+//!   (enrollment); the answering side replies with [`Bus::publish`] to the default exchange.
 //! - [`topology`]: idempotent declarations of exchanges and queues under a prefix.
 //!
 //! ## How data flows
@@ -47,7 +49,7 @@ pub use config::{redact_url, BusConfig};
 pub use connection::{Bus, MAX_PUBLISHES_IN_FLIGHT};
 pub use consume::{ConsumeOptions, Consumer, Delivery};
 pub use error::BusError;
-pub use publish::OutMessage;
+pub use publish::{OutMessage, RpcReply, DIRECT_REPLY_TO};
 
 /// lapin, re-exported so users of [`Bus::channel`] and [`Bus::on_connect`] name the same types.
 pub use lapin;

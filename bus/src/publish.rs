@@ -6,12 +6,13 @@
 //! between (unknown). At most [`MAX_PUBLISHES_IN_FLIGHT`](crate::MAX_PUBLISHES_IN_FLIGHT)
 //! publishes are in flight; more wait for a slot, and none is queued while disconnected.
 
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use comodit_protocol::limits::MAX_MESSAGE_BYTES;
-use lapin::options::BasicPublishOptions;
-use lapin::types::ShortString;
-use lapin::{BasicProperties, Confirmation};
+use futures_util::StreamExt;
+use lapin::options::{BasicConsumeOptions, BasicPublishOptions, ConfirmSelectOptions};
+use lapin::types::{FieldTable, ShortString};
+use lapin::{BasicProperties, Channel, Confirmation};
 use tracing::{debug, warn};
 
 use crate::error::is_not_sent;
@@ -53,6 +54,17 @@ impl OutMessage {
             correlation_id: None,
             expiration_ms: None,
         }
+    }
+
+    /// Everything that would make the publish fail before sending, checked before taking a slot.
+    fn check(&self) -> Result<(), BusError> {
+        if self.payload.len() > MAX_MESSAGE_BYTES {
+            return Err(BusError::invalid(
+                "payload",
+                format!("{} bytes > {MAX_MESSAGE_BYTES}", self.payload.len()),
+            ));
+        }
+        self.properties().map(|_| ())
     }
 
     fn properties(&self) -> Result<BasicProperties, BusError> {
@@ -104,58 +116,155 @@ impl Bus {
         routing_key: &str,
         msg: OutMessage,
     ) -> Result<(), BusError> {
-        if msg.payload.len() > MAX_MESSAGE_BYTES {
-            return Err(BusError::invalid(
-                "payload",
-                format!("{} bytes > {MAX_MESSAGE_BYTES}", msg.payload.len()),
-            ));
+        msg.check()?;
+        short("exchange", exchange)?;
+        short("routing_key", routing_key)?;
+        if self.shared.shutdown.is_cancelled() {
+            return Err(BusError::Shutdown);
         }
-        let props = msg.properties()?;
-        let exchange_s = short("exchange", exchange)?;
-        let key_s = short("routing_key", routing_key)?;
-        let options = BasicPublishOptions {
-            mandatory: msg.mandatory,
-            immediate: false,
-        };
-
         let _slot = tokio::select! {
             _ = self.shared.shutdown.cancelled() => return Err(BusError::Shutdown),
             slot = self.shared.publish_slots.acquire() => slot.map_err(|_| BusError::Shutdown)?,
         };
         let live = self.current().ok_or(BusError::NotConnected)?;
         let channel = live.take_publish_channel().await?;
-
-        let confirm = match channel
-            .basic_publish(exchange_s, key_s, options, &msg.payload, props)
-            .await
-        {
-            Ok(confirm) => confirm,
-            Err(e) if is_not_sent(&e) => return Err(BusError::NotConnected),
-            Err(e) => return Err(BusError::Unknown(e.to_string())),
-        };
-        let outcome = match confirm.await {
-            Ok(Confirmation::Ack(None)) => Ok(()),
-            Ok(Confirmation::Ack(Some(_returned))) => Err(BusError::Unroutable {
-                exchange: exchange.to_owned(),
-                routing_key: routing_key.to_owned(),
-            }),
-            Ok(Confirmation::Nack(_)) => Err(BusError::Nacked),
-            Ok(Confirmation::NotRequested) => {
-                // Cannot happen: every publish channel is put in confirm mode first.
-                Err(BusError::Amqp("publisher confirms not enabled".into()))
-            }
-            // A channel-level (soft) error closes only this channel, which carried only this
-            // message: the broker refused it. Anything else lost the connection: unknown.
-            Err(e) if e.is_amqp_soft_error() => Err(BusError::from(e)),
-            Err(e) => Err(BusError::Unknown(e.to_string())),
-        };
-        match &outcome {
-            Ok(()) => debug!(exchange, routing_key, kind = %msg.kind, "published"),
-            Err(e) => warn!(exchange, routing_key, kind = %msg.kind, error = %e, "publish failed"),
-        }
+        let outcome = send_confirmed(&channel, exchange, routing_key, &msg).await;
         live.return_publish_channel(channel);
         outcome
     }
+
+    /// Sends a request with `reply_to` set to RabbitMQ's direct reply-to and waits up to
+    /// `timeout` for the one reply (enrollment, DESIGN §5). The request is published with a
+    /// confirm on a channel of its own, which also carries the reply consumer, as direct
+    /// reply-to requires. Publish errors are those of [`Bus::publish`]; then
+    /// [`BusError::Timeout`] if no reply came (the request was routed; retry with the same
+    /// `message_id`), or [`BusError::Unknown`] if the connection dropped while waiting.
+    pub async fn request(
+        &self,
+        exchange: &str,
+        routing_key: &str,
+        mut msg: OutMessage,
+        timeout: Duration,
+    ) -> Result<RpcReply, BusError> {
+        msg.reply_to = Some(DIRECT_REPLY_TO.to_owned());
+        msg.check()?;
+        if self.shared.shutdown.is_cancelled() {
+            return Err(BusError::Shutdown);
+        }
+        let _slot = tokio::select! {
+            _ = self.shared.shutdown.cancelled() => return Err(BusError::Shutdown),
+            slot = self.shared.publish_slots.acquire() => slot.map_err(|_| BusError::Shutdown)?,
+        };
+        let live = self.current().ok_or(BusError::NotConnected)?;
+        let channel = live.conn.create_channel().await?;
+        let no_ack = BasicConsumeOptions {
+            no_ack: true,
+            ..BasicConsumeOptions::default()
+        };
+        let mut replies = channel
+            .basic_consume(
+                DIRECT_REPLY_TO.into(),
+                "".into(),
+                no_ack,
+                FieldTable::default(),
+            )
+            .await?;
+        channel
+            .confirm_select(ConfirmSelectOptions::default())
+            .await?;
+        send_confirmed(&channel, exchange, routing_key, &msg).await?;
+        let reply = tokio::select! {
+            _ = self.shared.shutdown.cancelled() => Err(BusError::Shutdown),
+            r = tokio::time::timeout(timeout, replies.next()) => match r {
+                Err(_) => Err(BusError::Timeout(timeout)),
+                Ok(Some(Ok(d))) => Ok(RpcReply::from_lapin(d)),
+                Ok(Some(Err(e))) => Err(BusError::Unknown(e.to_string())),
+                Ok(None) => Err(BusError::Unknown("reply consumer cancelled".into())),
+            },
+        };
+        if channel.status().connected() {
+            let _ = channel.close(200, "request done".into()).await;
+        }
+        reply
+    }
+}
+
+/// The queue name RabbitMQ gives to direct reply-to.
+pub const DIRECT_REPLY_TO: &str = "amq.rabbitmq.reply-to";
+
+/// The answer to [`Bus::request`]. Direct reply-to deliveries need no ack.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RpcReply {
+    pub payload: Vec<u8>,
+    pub kind: Option<String>,
+    pub message_id: Option<String>,
+    pub correlation_id: Option<String>,
+    /// Validated by the broker: the replier's user.
+    pub user_id: Option<String>,
+}
+
+impl RpcReply {
+    fn from_lapin(d: lapin::message::Delivery) -> RpcReply {
+        let text = |s: &Option<ShortString>| s.as_ref().map(|s| s.to_string());
+        let p = &d.properties;
+        RpcReply {
+            kind: text(p.kind()),
+            message_id: text(p.message_id()),
+            correlation_id: text(p.correlation_id()),
+            user_id: text(p.user_id()),
+            payload: d.data,
+        }
+    }
+}
+
+/// Publishes on a confirm-mode channel that carries nothing else meanwhile, and classifies the
+/// outcome exactly (see [`Bus::publish`]).
+async fn send_confirmed(
+    channel: &Channel,
+    exchange: &str,
+    routing_key: &str,
+    msg: &OutMessage,
+) -> Result<(), BusError> {
+    let props = msg.properties()?;
+    let options = BasicPublishOptions {
+        mandatory: msg.mandatory,
+        immediate: false,
+    };
+    let confirm = match channel
+        .basic_publish(
+            short("exchange", exchange)?,
+            short("routing_key", routing_key)?,
+            options,
+            &msg.payload,
+            props,
+        )
+        .await
+    {
+        Ok(confirm) => confirm,
+        Err(e) if is_not_sent(&e) => return Err(BusError::NotConnected),
+        Err(e) => return Err(BusError::Unknown(e.to_string())),
+    };
+    let outcome = match confirm.await {
+        Ok(Confirmation::Ack(None)) => Ok(()),
+        Ok(Confirmation::Ack(Some(_returned))) => Err(BusError::Unroutable {
+            exchange: exchange.to_owned(),
+            routing_key: routing_key.to_owned(),
+        }),
+        Ok(Confirmation::Nack(_)) => Err(BusError::Nacked),
+        Ok(Confirmation::NotRequested) => {
+            // Cannot happen: every publish channel is put in confirm mode first.
+            Err(BusError::Amqp("publisher confirms not enabled".into()))
+        }
+        // A channel-level (soft) error closes only this channel, which carried only this
+        // message: the broker refused it. Anything else lost the connection: unknown.
+        Err(e) if e.is_amqp_soft_error() => Err(BusError::from(e)),
+        Err(e) => Err(BusError::Unknown(e.to_string())),
+    };
+    match &outcome {
+        Ok(()) => debug!(exchange, routing_key, kind = %msg.kind, "published"),
+        Err(e) => warn!(exchange, routing_key, kind = %msg.kind, error = %e, "publish failed"),
+    }
+    outcome
 }
 
 #[cfg(test)]
