@@ -24,6 +24,8 @@ use crate::{backoff, BusConfig, BusError};
 pub(crate) const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long a graceful close at shutdown may take before the connection is just dropped.
 const CLOSE_TIMEOUT: Duration = Duration::from_secs(2);
+/// How long the `on_connect` routines of one connection may take together.
+const HOOKS_TIMEOUT: Duration = Duration::from_secs(60);
 /// A second way to notice a dead connection, should lapin end it without an error event.
 const STATUS_CHECK_INTERVAL: Duration = Duration::from_secs(1);
 /// Publishes waiting for their confirm at once. Each holds one confirm-mode channel for itself,
@@ -254,6 +256,10 @@ async fn connection_task(shared: Arc<Shared>) {
                             }
                         }
                     }
+                    Err(BusError::Shutdown) => {
+                        close(&conn).await;
+                        break;
+                    }
                     Err(e) => {
                         warn!(attempt, error = %e, "on_connect routine failed, reconnecting");
                         close(&conn).await;
@@ -285,8 +291,22 @@ async fn connection_task(shared: Arc<Shared>) {
 }
 
 /// Runs the routines from index `from` on `conn`, each on its own channel (a routine that gets
-/// its channel closed by the broker does not break the next). Returns how many have run.
+/// its channel closed by the broker does not break the next), all within [`HOOKS_TIMEOUT`].
+/// Returns how many have run.
 async fn run_hooks(shared: &Shared, conn: &Connection, from: usize) -> Result<usize, BusError> {
+    tokio::select! {
+        _ = shared.shutdown.cancelled() => Err(BusError::Shutdown),
+        r = tokio::time::timeout(HOOKS_TIMEOUT, run_hooks_unbounded(shared, conn, from)) => {
+            r.unwrap_or(Err(BusError::Timeout(HOOKS_TIMEOUT)))
+        }
+    }
+}
+
+async fn run_hooks_unbounded(
+    shared: &Shared,
+    conn: &Connection,
+    from: usize,
+) -> Result<usize, BusError> {
     let hooks: Vec<Hook> = shared
         .hooks
         .lock()
@@ -334,6 +354,7 @@ async fn watch_connection(
             _ = shared.hooks_added.notified() => {
                 match run_hooks(shared, &live.conn, hooks_run).await {
                     Ok(n) => hooks_run = n,
+                    Err(BusError::Shutdown) => return End::Shutdown,
                     Err(e) => return End::Lost(format!("on_connect routine failed: {e}")),
                 }
             }

@@ -187,8 +187,19 @@ pub fn user_connection_count(user: &str) -> usize {
 /// Best-effort: failures are printed, not raised, so cleanup never hides a test's own failure.
 pub fn cleanup_prefix(prefix: &str) {
     let vhost = Url::parse(&amqp_url()).path;
+    if prefix.is_empty() {
+        eprintln!("cleanup: refusing an empty prefix (it would delete everything)");
+        return;
+    }
     for kind in ["queues", "exchanges"] {
-        let (status, body) = mgmt_raw("GET", &format!("/api/{kind}/{vhost}?columns=name"), None);
+        let (status, body) =
+            match mgmt_try("GET", &format!("/api/{kind}/{vhost}?columns=name"), None) {
+                Ok(answer) => answer,
+                Err(e) => {
+                    eprintln!("cleanup {prefix}: list {kind}: {e}");
+                    continue;
+                }
+            };
         if status != 200 {
             eprintln!("cleanup {prefix}: list {kind}: HTTP {status}");
             continue;
@@ -200,9 +211,10 @@ pub fn cleanup_prefix(prefix: &str) {
         for name in items.iter().filter_map(|i| i["name"].as_str()) {
             if name.starts_with(prefix) {
                 let path = format!("/api/{kind}/{vhost}/{}", percent_encode(name));
-                let (status, _) = mgmt_raw("DELETE", &path, None);
-                if status != 204 && status != 404 {
-                    eprintln!("cleanup {prefix}: delete {name}: HTTP {status}");
+                match mgmt_try("DELETE", &path, None) {
+                    Ok((204 | 404, _)) => {}
+                    Ok((status, _)) => eprintln!("cleanup {prefix}: delete {name}: HTTP {status}"),
+                    Err(e) => eprintln!("cleanup {prefix}: delete {name}: {e}"),
                 }
             }
         }
@@ -218,8 +230,14 @@ pub struct Cleanup {
 
 impl Drop for Cleanup {
     fn drop(&mut self) {
+        // Never panic here: this may run while a failed test unwinds.
         for user in &self.users {
-            let _ = std::panic::catch_unwind(|| delete_user(user));
+            let path = format!("/api/users/{}", percent_encode(user));
+            match mgmt_try("DELETE", &path, None) {
+                Ok((204 | 404, _)) => {}
+                Ok((status, _)) => eprintln!("cleanup: delete user {user}: HTTP {status}"),
+                Err(e) => eprintln!("cleanup: delete user {user}: {e}"),
+            }
         }
         cleanup_prefix(&self.prefix);
     }
