@@ -109,7 +109,9 @@ impl Bus {
     /// [`BusError::Unknown`] (connection lost after sending, before the confirm).
     /// [`BusError::Invalid`] and [`BusError::Amqp`] are failures before anything was sent.
     ///
-    /// Dropping the future before it resolves leaves the outcome unknown.
+    /// Dropping the future before it resolves leaves the outcome unknown. While the broker
+    /// blocks the connection (memory or disk alarm) the confirm waits for it to unblock: wrap
+    /// the call in a timeout where that cannot wait.
     pub async fn publish(
         &self,
         exchange: &str,
