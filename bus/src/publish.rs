@@ -1,0 +1,318 @@
+//! Confirmed publishing.
+//!
+//! Every publish waits for the broker's confirm on a channel it holds alone for that time, so
+//! each outcome is exact: ack (stored or delivered), nack, returned (mandatory and unroutable),
+//! channel closed by the broker because of this very message (refused), or connection lost in
+//! between (unknown). At most [`MAX_PUBLISHES_IN_FLIGHT`](crate::MAX_PUBLISHES_IN_FLIGHT)
+//! publishes are in flight; more wait for a slot, and none is queued while disconnected.
+
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use comodit_protocol::limits::MAX_MESSAGE_BYTES;
+use futures_util::StreamExt;
+use lapin::options::{BasicConsumeOptions, BasicPublishOptions, ConfirmSelectOptions};
+use lapin::types::{FieldTable, ShortString};
+use lapin::{BasicProperties, Channel, Confirmation};
+use tracing::{debug, warn};
+
+use crate::error::is_not_sent;
+use crate::{Bus, BusError};
+
+/// A message to publish. `content_type` is always `application/json` and `timestamp` is set to
+/// the time of publishing.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct OutMessage {
+    pub payload: Vec<u8>,
+    /// The AMQP `type` property: the message kind (`reply`, `hello`, `command`, ...).
+    pub kind: String,
+    /// Receivers de-duplicate on it.
+    pub message_id: String,
+    /// The broker user name. RabbitMQ refuses a message whose `user_id` is not the connection's
+    /// user (406), which is what lets a node trust it (DESIGN §5).
+    pub user_id: Option<String>,
+    /// Delivery mode 2 (to disk) instead of 1. Transient is the default (DESIGN §5).
+    pub persistent: bool,
+    /// Ask the broker to return the message if no queue matches (→ [`BusError::Unroutable`]).
+    pub mandatory: bool,
+    pub reply_to: Option<String>,
+    pub correlation_id: Option<String>,
+    /// Per-message TTL in queues.
+    pub expiration_ms: Option<u64>,
+}
+
+impl OutMessage {
+    /// A transient, non-mandatory JSON message with a fresh random `message_id`.
+    pub fn json(kind: impl Into<String>, payload: Vec<u8>) -> OutMessage {
+        OutMessage {
+            payload,
+            kind: kind.into(),
+            message_id: uuid::Uuid::new_v4().to_string(),
+            user_id: None,
+            persistent: false,
+            mandatory: false,
+            reply_to: None,
+            correlation_id: None,
+            expiration_ms: None,
+        }
+    }
+
+    /// Everything that would make the publish fail before sending, checked before taking a slot.
+    fn check(&self) -> Result<(), BusError> {
+        if self.payload.len() > MAX_MESSAGE_BYTES {
+            return Err(BusError::invalid(
+                "payload",
+                format!("{} bytes > {MAX_MESSAGE_BYTES}", self.payload.len()),
+            ));
+        }
+        self.properties().map(|_| ())
+    }
+
+    fn properties(&self) -> Result<BasicProperties, BusError> {
+        let timestamp = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or(0);
+        let mut props = BasicProperties::default()
+            .with_content_type("application/json".into())
+            .with_type(short("kind", &self.kind)?)
+            .with_message_id(short("message_id", &self.message_id)?)
+            .with_timestamp(timestamp)
+            .with_delivery_mode(if self.persistent { 2 } else { 1 });
+        if let Some(user) = &self.user_id {
+            props = props.with_user_id(short("user_id", user)?);
+        }
+        if let Some(reply_to) = &self.reply_to {
+            props = props.with_reply_to(short("reply_to", reply_to)?);
+        }
+        if let Some(id) = &self.correlation_id {
+            props = props.with_correlation_id(short("correlation_id", id)?);
+        }
+        if let Some(ms) = self.expiration_ms {
+            props = props.with_expiration(ms.to_string().into());
+        }
+        Ok(props)
+    }
+}
+
+/// AMQP short strings hold at most 255 bytes; lapin's `From<&str>` panics past that.
+pub(crate) fn short(field: &'static str, s: &str) -> Result<ShortString, BusError> {
+    ShortString::try_new(s).map_err(|e| BusError::invalid(field, e.to_string()))
+}
+
+impl Bus {
+    /// Publishes and waits for the broker's publisher confirm.
+    ///
+    /// Errors: [`BusError::NotConnected`] (certainly not sent), [`BusError::Nacked`],
+    /// [`BusError::Unroutable`] (mandatory and returned), [`BusError::Refused`] (the broker
+    /// closed the channel over this message: 403 on another host's routing key, 406 on a forged
+    /// `user_id`, 404 on a missing exchange) — all certainly not routed —, and
+    /// [`BusError::Unknown`] (connection lost after sending, before the confirm).
+    /// [`BusError::Invalid`] and [`BusError::Amqp`] are failures before anything was sent.
+    ///
+    /// Dropping the future before it resolves leaves the outcome unknown. While the broker
+    /// blocks the connection (memory or disk alarm) the confirm waits for it to unblock: wrap
+    /// the call in a timeout where that cannot wait.
+    pub async fn publish(
+        &self,
+        exchange: &str,
+        routing_key: &str,
+        msg: OutMessage,
+    ) -> Result<(), BusError> {
+        msg.check()?;
+        short("exchange", exchange)?;
+        short("routing_key", routing_key)?;
+        if self.shared.shutdown.is_cancelled() {
+            return Err(BusError::Shutdown);
+        }
+        let _slot = tokio::select! {
+            _ = self.shared.shutdown.cancelled() => return Err(BusError::Shutdown),
+            slot = self.shared.publish_slots.acquire() => slot.map_err(|_| BusError::Shutdown)?,
+        };
+        let live = self.current().ok_or(BusError::NotConnected)?;
+        let channel = live.take_publish_channel().await?;
+        let outcome = send_confirmed(&channel, exchange, routing_key, &msg).await;
+        live.return_publish_channel(channel);
+        outcome
+    }
+
+    /// Sends a request with `reply_to` set to RabbitMQ's direct reply-to and waits up to
+    /// `timeout` for the one reply (enrollment, DESIGN §5). The request is published with a
+    /// confirm on a channel of its own, which also carries the reply consumer, as direct
+    /// reply-to requires. Publish errors are those of [`Bus::publish`]; then
+    /// [`BusError::Timeout`] if no reply came (the request was routed; retry with the same
+    /// `message_id`), or [`BusError::Unknown`] if the connection dropped while waiting.
+    pub async fn request(
+        &self,
+        exchange: &str,
+        routing_key: &str,
+        mut msg: OutMessage,
+        timeout: Duration,
+    ) -> Result<RpcReply, BusError> {
+        msg.reply_to = Some(DIRECT_REPLY_TO.to_owned());
+        msg.check()?;
+        if self.shared.shutdown.is_cancelled() {
+            return Err(BusError::Shutdown);
+        }
+        let _slot = tokio::select! {
+            _ = self.shared.shutdown.cancelled() => return Err(BusError::Shutdown),
+            slot = self.shared.publish_slots.acquire() => slot.map_err(|_| BusError::Shutdown)?,
+        };
+        let live = self.current().ok_or(BusError::NotConnected)?;
+        let channel = live.conn.create_channel().await?;
+        let no_ack = BasicConsumeOptions {
+            no_ack: true,
+            ..BasicConsumeOptions::default()
+        };
+        let mut replies = channel
+            .basic_consume(
+                DIRECT_REPLY_TO.into(),
+                "".into(),
+                no_ack,
+                FieldTable::default(),
+            )
+            .await?;
+        channel
+            .confirm_select(ConfirmSelectOptions::default())
+            .await?;
+        send_confirmed(&channel, exchange, routing_key, &msg).await?;
+        let reply = tokio::select! {
+            _ = self.shared.shutdown.cancelled() => Err(BusError::Shutdown),
+            r = tokio::time::timeout(timeout, replies.next()) => match r {
+                Err(_) => Err(BusError::Timeout(timeout)),
+                Ok(Some(Ok(d))) => Ok(RpcReply::from_lapin(d)),
+                Ok(Some(Err(e))) => Err(BusError::Unknown(e.to_string())),
+                Ok(None) => Err(BusError::Unknown("reply consumer cancelled".into())),
+            },
+        };
+        if channel.status().connected() {
+            let _ = channel.close(200, "request done".into()).await;
+        }
+        reply
+    }
+}
+
+/// The queue name RabbitMQ gives to direct reply-to.
+pub const DIRECT_REPLY_TO: &str = "amq.rabbitmq.reply-to";
+
+/// The answer to [`Bus::request`]. Direct reply-to deliveries need no ack.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RpcReply {
+    pub payload: Vec<u8>,
+    pub kind: Option<String>,
+    pub message_id: Option<String>,
+    pub correlation_id: Option<String>,
+    /// Validated by the broker: the replier's user.
+    pub user_id: Option<String>,
+}
+
+impl RpcReply {
+    fn from_lapin(d: lapin::message::Delivery) -> RpcReply {
+        let text = |s: &Option<ShortString>| s.as_ref().map(|s| s.to_string());
+        let p = &d.properties;
+        RpcReply {
+            kind: text(p.kind()),
+            message_id: text(p.message_id()),
+            correlation_id: text(p.correlation_id()),
+            user_id: text(p.user_id()),
+            payload: d.data,
+        }
+    }
+}
+
+/// Publishes on a confirm-mode channel that carries nothing else meanwhile, and classifies the
+/// outcome exactly (see [`Bus::publish`]).
+async fn send_confirmed(
+    channel: &Channel,
+    exchange: &str,
+    routing_key: &str,
+    msg: &OutMessage,
+) -> Result<(), BusError> {
+    let props = msg.properties()?;
+    let options = BasicPublishOptions {
+        mandatory: msg.mandatory,
+        immediate: false,
+    };
+    let confirm = match channel
+        .basic_publish(
+            short("exchange", exchange)?,
+            short("routing_key", routing_key)?,
+            options,
+            &msg.payload,
+            props,
+        )
+        .await
+    {
+        Ok(confirm) => confirm,
+        Err(e) if is_not_sent(&e) => return Err(BusError::NotConnected),
+        Err(e) => return Err(BusError::Unknown(e.to_string())),
+    };
+    let outcome = match confirm.await {
+        Ok(Confirmation::Ack(None)) => Ok(()),
+        Ok(Confirmation::Ack(Some(_returned))) => Err(BusError::Unroutable {
+            exchange: exchange.to_owned(),
+            routing_key: routing_key.to_owned(),
+        }),
+        Ok(Confirmation::Nack(_)) => Err(BusError::Nacked),
+        Ok(Confirmation::NotRequested) => {
+            // Cannot happen: every publish channel is put in confirm mode first.
+            Err(BusError::Amqp("publisher confirms not enabled".into()))
+        }
+        // A channel-level (soft) error closes only this channel, which carried only this
+        // message: the broker refused it. Anything else lost the connection: unknown.
+        Err(e) if e.is_amqp_soft_error() => Err(BusError::from(e)),
+        Err(e) => Err(BusError::Unknown(e.to_string())),
+    };
+    match &outcome {
+        Ok(()) => debug!(exchange, routing_key, kind = %msg.kind, "published"),
+        Err(e) => warn!(exchange, routing_key, kind = %msg.kind, error = %e, "publish failed"),
+    }
+    outcome
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn properties_follow_the_message() {
+        let mut m = OutMessage::json("reply", b"{}".to_vec());
+        m.user_id = Some("u".into());
+        m.persistent = true;
+        m.expiration_ms = Some(1500);
+        m.correlation_id = Some("c".into());
+        let p = m.properties().unwrap();
+        assert_eq!(
+            p.content_type().as_ref().unwrap().as_str(),
+            "application/json"
+        );
+        assert_eq!(p.kind().as_ref().unwrap().as_str(), "reply");
+        assert_eq!(p.delivery_mode(), &Some(2));
+        assert_eq!(p.expiration().as_ref().unwrap().as_str(), "1500");
+        assert_eq!(p.user_id().as_ref().unwrap().as_str(), "u");
+        assert!(p.timestamp().unwrap() > 1_600_000_000);
+        assert_eq!(
+            p.message_id().as_ref().unwrap().as_str(),
+            m.message_id.as_str()
+        );
+        assert!(
+            OutMessage::json("x", vec![])
+                .properties()
+                .unwrap()
+                .delivery_mode()
+                == &Some(1)
+        );
+    }
+
+    #[test]
+    fn overlong_strings_are_errors_not_panics() {
+        let mut m = OutMessage::json("reply", vec![]);
+        m.message_id = "x".repeat(256);
+        assert!(matches!(
+            m.properties(),
+            Err(BusError::Invalid {
+                field: "message_id",
+                ..
+            })
+        ));
+    }
+}
