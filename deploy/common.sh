@@ -33,6 +33,12 @@ ensure_rust() {
     [ -x "$HOME/.cargo/bin/cargo" ] && export PATH="$HOME/.cargo/bin:$PATH"
   fi
   command -v cargo >/dev/null || apt_install cargo rustc
+  # The dependencies need a recent Rust (1.85+); Debian 12's packaged cargo is older.
+  local minor
+  minor=$(cargo --version | sed -E 's/^cargo 1\.([0-9]+).*/\1/')
+  if [ "${minor:-0}" -lt 85 ]; then
+    die "cargo $(cargo --version) is too old: install Rust 1.85 or newer with rustup (https://rustup.rs), then re-run"
+  fi
   command -v cc >/dev/null || apt_install gcc libc6-dev
   command -v pkg-config >/dev/null || apt_install pkg-config
 }

@@ -121,9 +121,23 @@ impl Platform {
         let is = |names: &[&str]| words.iter().any(|w| names.contains(w));
         let family = if is(&["debian", "ubuntu"]) {
             OsFamily::Debian
-        } else if is(&["rhel", "fedora", "centos", "rocky", "almalinux", "amzn", "ol"]) {
+        } else if is(&[
+            "rhel",
+            "fedora",
+            "centos",
+            "rocky",
+            "almalinux",
+            "amzn",
+            "ol",
+        ]) {
             OsFamily::Rhel
-        } else if is(&["suse", "opensuse", "sles", "opensuse-leap", "opensuse-tumbleweed"]) {
+        } else if is(&[
+            "suse",
+            "opensuse",
+            "sles",
+            "opensuse-leap",
+            "opensuse-tumbleweed",
+        ]) {
             OsFamily::Suse
         } else if is(&["alpine"]) {
             OsFamily::Alpine
@@ -169,7 +183,8 @@ mod tests {
     use super::*;
 
     const DEBIAN: &str = "PRETTY_NAME=\"Debian GNU/Linux 12 (bookworm)\"\nNAME=\"Debian GNU/Linux\"\nVERSION_ID=\"12\"\nID=debian\n";
-    const ROCKY: &str = "NAME=\"Rocky Linux\"\nVERSION_ID=\"9.3\"\nID=\"rocky\"\nID_LIKE=\"rhel centos fedora\"\n";
+    const ROCKY: &str =
+        "NAME=\"Rocky Linux\"\nVERSION_ID=\"9.3\"\nID=\"rocky\"\nID_LIKE=\"rhel centos fedora\"\n";
     const UBUNTU: &str = "ID=ubuntu\nID_LIKE=debian\nVERSION_ID=\"24.04\"\n";
     const ALPINE: &str = "ID=alpine\nVERSION_ID=3.20.0\n";
     const SLES: &str = "ID=\"opensuse-leap\"\nID_LIKE=\"suse opensuse\"\nVERSION_ID=\"15.5\"\n";
@@ -183,7 +198,10 @@ mod tests {
         assert_eq!(p.init_system, Some(InitSystem::Systemd));
 
         let p = Platform::from_parts(UBUNTU, |t| t == "dpkg-query", true, false);
-        assert_eq!((p.family, p.distribution.as_str()), (OsFamily::Debian, "ubuntu"));
+        assert_eq!(
+            (p.family, p.distribution.as_str()),
+            (OsFamily::Debian, "ubuntu")
+        );
 
         let p = Platform::from_parts(ROCKY, |t| t == "dnf" || t == "yum", true, false);
         assert_eq!(p.family, OsFamily::Rhel);

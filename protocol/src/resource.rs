@@ -248,7 +248,7 @@ pub struct UserSpec {
     /// Primary group name; created with the user's name when absent (the distribution's default).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub group: Option<String>,
-    /// Supplementary groups, exactly (groups not listed are left).
+    /// Supplementary groups, exactly: missing ones are added, groups not listed are removed.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub groups: Option<Vec<String>>,
     #[serde(default, skip_serializing_if = "Option::is_none")]

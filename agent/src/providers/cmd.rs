@@ -115,7 +115,7 @@ pub struct SystemRunner;
 
 impl Runner for SystemRunner {
     fn run(&self, inv: &Invocation, timeout: Duration) -> Result<CmdOutput, ProviderError> {
-        use std::io::{Read, Write};
+        use std::io::Write;
         use std::os::unix::process::CommandExt;
 
         let (program, args) = inv
@@ -145,20 +145,13 @@ impl Runner for SystemRunner {
                 let _ = sin.write_all(input.as_bytes());
             }
         }
-        let mut stdout = child.stdout.take().expect("piped");
-        let mut stderr = child.stderr.take().expect("piped");
-        let out_thread = std::thread::spawn(move || {
-            let mut b = Vec::new();
-            let _ = stdout.read_to_end(&mut b);
-            b
-        });
-        let err_thread = std::thread::spawn(move || {
-            let mut b = Vec::new();
-            let _ = stderr.read_to_end(&mut b);
-            b
-        });
+        let stdout = child.stdout.take().expect("piped");
+        let stderr = child.stderr.take().expect("piped");
         let deadline = std::time::Instant::now() + timeout;
+        let mut pipes = Pipes::new(stdout, stderr);
         let status = loop {
+            // Read whatever is there (at most 5 ms of waiting), then look at the child.
+            pipes.pump(Duration::from_millis(5));
             match child.try_wait() {
                 Ok(Some(status)) => break status,
                 Ok(None) if std::time::Instant::now() >= deadline => {
@@ -172,12 +165,17 @@ impl Runner for SystemRunner {
                         detail: format!("timed out after {}s", timeout.as_secs()),
                     });
                 }
-                Ok(None) => std::thread::sleep(Duration::from_millis(5)),
+                Ok(None) => {}
                 Err(e) => return Err(ProviderError::io(format!("waiting for {program}"), e)),
             }
         };
-        let stdout = out_thread.join().unwrap_or_default();
-        let stderr = err_thread.join().unwrap_or_default();
+        // A daemon started by the tool (an init script's `start`) may keep the pipes open for its
+        // whole life: read what is left for a short grace, then stop listening rather than hang.
+        let grace = std::time::Instant::now() + Duration::from_millis(500);
+        while !pipes.closed() && std::time::Instant::now() < grace {
+            pipes.pump(Duration::from_millis(20));
+        }
+        let (stdout, stderr) = pipes.into_output();
         Ok(CmdOutput {
             code: status.code(),
             stdout: String::from_utf8_lossy(&stdout).into_owned(),
@@ -187,6 +185,90 @@ impl Runner for SystemRunner {
 
     fn exists(&self, program: &str) -> bool {
         which(program).is_some()
+    }
+}
+
+/// Non-blocking reads of a child's stdout and stderr with `poll(2)`, so the caller decides how long
+/// to listen (no reader thread can be left blocked on a pipe a daemon keeps open).
+struct Pipes {
+    fds: [Option<std::fs::File>; 2],
+    bufs: [Vec<u8>; 2],
+}
+
+impl Pipes {
+    fn new(stdout: std::process::ChildStdout, stderr: std::process::ChildStderr) -> Self {
+        use std::os::fd::{AsRawFd, OwnedFd};
+        let files = [
+            std::fs::File::from(OwnedFd::from(stdout)),
+            std::fs::File::from(OwnedFd::from(stderr)),
+        ];
+        for f in &files {
+            unsafe {
+                let fd = f.as_raw_fd();
+                let flags = libc::fcntl(fd, libc::F_GETFL);
+                libc::fcntl(fd, libc::F_SETFL, flags | libc::O_NONBLOCK);
+            }
+        }
+        let [a, b] = files;
+        Pipes {
+            fds: [Some(a), Some(b)],
+            bufs: [Vec::new(), Vec::new()],
+        }
+    }
+
+    fn closed(&self) -> bool {
+        self.fds.iter().all(|f| f.is_none())
+    }
+
+    /// Waits up to `wait` for output, then reads all that is available.
+    fn pump(&mut self, wait: Duration) {
+        use std::io::Read;
+        use std::os::fd::AsRawFd;
+        let mut pollfds: Vec<libc::pollfd> = self
+            .fds
+            .iter()
+            .flatten()
+            .map(|f| libc::pollfd {
+                fd: f.as_raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            })
+            .collect();
+        if pollfds.is_empty() {
+            std::thread::sleep(wait);
+            return;
+        }
+        unsafe {
+            libc::poll(
+                pollfds.as_mut_ptr(),
+                pollfds.len() as libc::nfds_t,
+                wait.as_millis() as libc::c_int,
+            );
+        }
+        for (slot, buf) in self.fds.iter_mut().zip(self.bufs.iter_mut()) {
+            let Some(f) = slot else { continue };
+            let mut chunk = [0u8; 8192];
+            loop {
+                match f.read(&mut chunk) {
+                    Ok(0) => {
+                        *slot = None;
+                        break;
+                    }
+                    Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
+                    Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                    Err(_) => {
+                        *slot = None;
+                        break;
+                    }
+                }
+            }
+        }
+    }
+
+    fn into_output(self) -> (Vec<u8>, Vec<u8>) {
+        let [a, b] = self.bufs;
+        (a, b)
     }
 }
 
@@ -266,13 +348,19 @@ mod tests {
     fn system_runner_captures_output_and_codes() {
         let r = SystemRunner;
         let out = r
-            .run(&Invocation::new(&["sh", "-c", "echo out; echo err >&2; exit 3"]), Duration::from_secs(10))
+            .run(
+                &Invocation::new(&["sh", "-c", "echo out; echo err >&2; exit 3"]),
+                Duration::from_secs(10),
+            )
             .unwrap();
         assert_eq!(out.code, Some(3));
         assert_eq!(out.stdout, "out\n");
         assert_eq!(out.stderr, "err\n");
         let out = r
-            .run(&Invocation::new(&["cat"]).stdin("fed"), Duration::from_secs(10))
+            .run(
+                &Invocation::new(&["cat"]).stdin("fed"),
+                Duration::from_secs(10),
+            )
             .unwrap();
         assert_eq!(out.stdout, "fed");
     }
@@ -280,15 +368,64 @@ mod tests {
     #[test]
     fn system_runner_kills_on_timeout() {
         let err = SystemRunner
-            .run(&Invocation::new(&["sleep", "30"]), Duration::from_millis(200))
+            .run(
+                &Invocation::new(&["sleep", "30"]),
+                Duration::from_millis(200),
+            )
             .unwrap_err();
         assert!(err.to_string().contains("timed out"), "{err}");
     }
 
     #[test]
+    fn a_daemon_holding_the_pipes_does_not_hang_the_call() {
+        // Like an init script whose daemon inherits stdout: the call returns when the script does.
+        let pidfile = tempfile::NamedTempFile::new().unwrap();
+        let script = format!(
+            "sleep 30 & echo $! > {}; echo started",
+            pidfile.path().display()
+        );
+        let started = std::time::Instant::now();
+        let out = SystemRunner
+            .run(
+                &Invocation::new(&["sh", "-c", &script]),
+                Duration::from_secs(20),
+            )
+            .unwrap();
+        let pid: i32 = std::fs::read_to_string(pidfile.path())
+            .unwrap()
+            .trim()
+            .parse()
+            .unwrap();
+        unsafe {
+            libc::kill(pid, libc::SIGKILL);
+        }
+        assert_eq!(out.stdout, "started\n");
+        assert!(
+            started.elapsed() < Duration::from_secs(20),
+            "waited for the daemon"
+        );
+    }
+
+    #[test]
+    fn large_output_is_read_while_the_tool_runs() {
+        // More than a pipe buffer (64 KiB) on both streams: no deadlock.
+        let out = SystemRunner
+            .run(
+                &Invocation::new(&["sh", "-c", "head -c 300000 /dev/zero | tr '\\0' a; head -c 200000 /dev/zero | tr '\\0' b >&2"]),
+                Duration::from_secs(20),
+            )
+            .unwrap();
+        assert_eq!(out.stdout.len(), 300_000);
+        assert_eq!(out.stderr.len(), 200_000);
+    }
+
+    #[test]
     fn missing_program_is_an_error_not_a_panic() {
         assert!(SystemRunner
-            .run(&Invocation::new(&["/nonexistent/tool"]), Duration::from_secs(1))
+            .run(
+                &Invocation::new(&["/nonexistent/tool"]),
+                Duration::from_secs(1)
+            )
             .is_err());
         assert!(!SystemRunner.exists("surely-not-a-program-xyz"));
         assert!(SystemRunner.exists("sh"));
