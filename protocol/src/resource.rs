@@ -404,10 +404,10 @@ impl Spec {
                     if !ok {
                         return Err(ProtocolError::invalid("version", format!("{v:?}")));
                     }
-                    if p.ensure == PackageEnsure::Absent {
+                    if p.ensure != PackageEnsure::Present {
                         return Err(ProtocolError::invalid(
                             "version",
-                            "a version makes no sense with ensure: absent",
+                            "a version pin goes only with ensure: present",
                         ));
                     }
                 }
@@ -432,6 +432,10 @@ impl Spec {
                 }
                 if let Some(k) = &r.key_path {
                     validate_abs_path("key_path", k)?;
+                    // It lands inside apt's `[signed-by=...]` option list.
+                    if k.contains(|c: char| c.is_whitespace() || c == ']' || c == ',') {
+                        return Err(ProtocolError::invalid("key_path", "no spaces, ']' or ','"));
+                    }
                 }
                 if let Some(u) = &r.url {
                     if u.contains(char::is_whitespace) {
@@ -693,6 +697,14 @@ mod tests {
         let good = json!({"collection": "users", "id": "alice", "spec": {"password_hash": "$6$salt$hash"}});
         let r: Resource = serde_json::from_value(good).unwrap();
         assert!(!format!("{r:?}").contains("$6$salt$hash"));
+    }
+
+    #[test]
+    fn pins_only_with_present_and_key_paths_stay_in_their_option() {
+        let bad = json!({"collection": "packages", "id": "nginx", "spec": {"ensure": "latest", "version": "1.2"}});
+        assert!(serde_json::from_value::<Resource>(bad).is_err());
+        let bad = json!({"collection": "repos", "id": "x", "spec": {"url": "http://a/", "key_path": "/k.gpg] trusted=yes"}});
+        assert!(serde_json::from_value::<Resource>(bad).is_err());
     }
 
     #[test]

@@ -110,3 +110,55 @@ pub trait Provider: Send + Sync {
         )))
     }
 }
+
+/// A collection this host cannot serve: every call fails with the same clear reason.
+pub struct Unsupported {
+    collection: &'static str,
+    reason: String,
+}
+
+impl Unsupported {
+    pub fn new(collection: &'static str, reason: impl Into<String>) -> Self {
+        Unsupported {
+            collection,
+            reason: reason.into(),
+        }
+    }
+
+    fn err(&self) -> ProviderError {
+        ProviderError::Unsupported(format!("{}: {}", self.collection, self.reason))
+    }
+}
+
+impl Provider for Unsupported {
+    fn read(&self, _id: &ResourceId) -> Result<serde_json::Value, ProviderError> {
+        Err(self.err())
+    }
+
+    fn apply(&self, _: &ResourceId, _: &Spec, _: ApplyMode) -> Result<Change, ProviderError> {
+        Err(self.err())
+    }
+
+    fn list(&self, _under: Option<&str>) -> Result<Vec<String>, ProviderError> {
+        Err(self.err())
+    }
+
+    fn refresh(
+        &self,
+        _: &ResourceId,
+        _: comodit_protocol::Refresh,
+        _: ApplyMode,
+    ) -> Result<Change, ProviderError> {
+        Err(self.err())
+    }
+}
+
+/// Non-path collections refuse `under` in `list`.
+pub fn no_under(under: Option<&str>) -> Result<(), ProviderError> {
+    match under {
+        None => Ok(()),
+        Some(_) => Err(ProviderError::Invalid(
+            "only path collections take 'under'".into(),
+        )),
+    }
+}

@@ -35,7 +35,7 @@ use comodit_protocol::{ApplyMode, FieldDiff, PackageEnsure, PackageSpec, Resourc
 use serde_json::{json, Value};
 
 use super::cmd::{trim_detail, CmdOutput, Invocation, Runner};
-use super::{field_diff, Change, Provider, ProviderError};
+use super::{field_diff, no_under, Change, Provider, ProviderError, Unsupported};
 use crate::platform::{PackageManager, Platform};
 
 /// Read-only queries (dpkg-query, rpm -q, apt-cache, check-update).
@@ -59,48 +59,6 @@ pub fn for_platform(platform: &Platform, runner: Arc<dyn Runner>) -> Box<dyn Pro
                 platform.distribution, platform.version
             ),
         )),
-    }
-}
-
-/// A collection this host cannot serve: every call fails with the same clear reason.
-pub struct Unsupported {
-    collection: &'static str,
-    reason: String,
-}
-
-impl Unsupported {
-    pub fn new(collection: &'static str, reason: impl Into<String>) -> Self {
-        Unsupported {
-            collection,
-            reason: reason.into(),
-        }
-    }
-
-    fn err(&self) -> ProviderError {
-        ProviderError::Unsupported(format!("{}: {}", self.collection, self.reason))
-    }
-}
-
-impl Provider for Unsupported {
-    fn read(&self, _id: &ResourceId) -> Result<Value, ProviderError> {
-        Err(self.err())
-    }
-
-    fn apply(&self, _: &ResourceId, _: &Spec, _: ApplyMode) -> Result<Change, ProviderError> {
-        Err(self.err())
-    }
-
-    fn list(&self, _under: Option<&str>) -> Result<Vec<String>, ProviderError> {
-        Err(self.err())
-    }
-
-    fn refresh(
-        &self,
-        _: &ResourceId,
-        _: comodit_protocol::Refresh,
-        _: ApplyMode,
-    ) -> Result<Change, ProviderError> {
-        Err(self.err())
     }
 }
 
@@ -288,15 +246,6 @@ impl<B: Backend> Provider for Packages<B> {
         names.sort();
         names.dedup();
         Ok(names)
-    }
-}
-
-pub(crate) fn no_under(under: Option<&str>) -> Result<(), ProviderError> {
-    match under {
-        None => Ok(()),
-        Some(_) => Err(ProviderError::Invalid(
-            "only path collections take 'under'".into(),
-        )),
     }
 }
 

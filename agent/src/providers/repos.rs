@@ -45,8 +45,8 @@ use comodit_protocol::{ApplyMode, Collection, Ensure, FieldDiff, RepoSpec, Resou
 use serde_json::Value;
 
 use super::cmd::{trim_detail, Invocation, Runner};
-use super::packages::{no_under, Unsupported};
 use super::{field_diff, Change, Provider, ProviderError};
+use super::{no_under, Unsupported};
 use crate::platform::{PackageManager, Platform};
 
 /// `apt-get update` / `apk update` fetch every configured repository's index.

@@ -46,8 +46,8 @@ use comodit_protocol::{ApplyMode, Collection, FieldDiff, Refresh, ResourceId, Se
 use serde_json::{json, Value};
 
 use super::cmd::{trim_detail, CmdOutput, Invocation, Runner};
-use super::packages::{no_under, Unsupported};
 use super::{field_diff, Change, Provider, ProviderError};
+use super::{no_under, Unsupported};
 use crate::platform::{InitSystem, OsFamily, Platform};
 
 /// Status queries.
