@@ -453,6 +453,16 @@ pub struct Bye {
     pub reason: String,
 }
 
+/// A node-internal notice about a host ("its change log has new work"), published by a node on the
+/// up exchange with the host's routing key so it reaches the owning node in order with the host's own
+/// messages (DESIGN §5). Only accepted from a node's broker user.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Kick {
+    pub v: V1,
+    pub host: HostId,
+}
+
 /// The kind of an upward message: the last part of its routing key and its AMQP `type`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -464,10 +474,11 @@ pub enum UpKind {
     DriftCleared,
     Output,
     Bye,
+    Kick,
 }
 
 impl UpKind {
-    pub const ALL: [UpKind; 7] = [
+    pub const ALL: [UpKind; 8] = [
         UpKind::Reply,
         UpKind::Hello,
         UpKind::Heartbeat,
@@ -475,6 +486,7 @@ impl UpKind {
         UpKind::DriftCleared,
         UpKind::Output,
         UpKind::Bye,
+        UpKind::Kick,
     ];
 
     pub fn as_str(&self) -> &'static str {
@@ -486,6 +498,7 @@ impl UpKind {
             UpKind::DriftCleared => "drift_cleared",
             UpKind::Output => "output",
             UpKind::Bye => "bye",
+            UpKind::Kick => "kick",
         }
     }
 
@@ -504,6 +517,7 @@ pub enum Up {
     DriftCleared(DriftCleared),
     Output(Output),
     Bye(Bye),
+    Kick(Kick),
 }
 
 impl Up {
@@ -516,6 +530,7 @@ impl Up {
             Up::DriftCleared(_) => UpKind::DriftCleared,
             Up::Output(_) => UpKind::Output,
             Up::Bye(_) => UpKind::Bye,
+            Up::Kick(_) => UpKind::Kick,
         }
     }
 
@@ -529,6 +544,7 @@ impl Up {
             Up::DriftCleared(m) => m.host,
             Up::Output(m) => m.host,
             Up::Bye(m) => m.host,
+            Up::Kick(m) => m.host,
         }
     }
 
@@ -556,6 +572,7 @@ impl Up {
                 Up::Output(o)
             }
             UpKind::Bye => Up::Bye(parse(bytes)?),
+            UpKind::Kick => Up::Kick(parse(bytes)?),
         };
         Ok(up)
     }
@@ -569,6 +586,7 @@ impl Up {
             Up::DriftCleared(m) => serde_json::to_vec(m),
             Up::Output(m) => serde_json::to_vec(m),
             Up::Bye(m) => serde_json::to_vec(m),
+            Up::Kick(m) => serde_json::to_vec(m),
         };
         r.expect("upward messages always serialize")
     }

@@ -1,0 +1,110 @@
+//! # comodit-actors
+//!
+//! The node's host actors (DESIGN §8). Placeholder: the public interface below is what the API and
+//! the node code against; the actor runtime behind it is being built.
+
+pub mod ownership;
+
+use std::time::Duration;
+
+use async_trait::async_trait;
+use comodit_protocol::{Body, DriftReport, HostId, ResourceRef, Stream};
+use comodit_store::{Change, ChangeId, ChangeStatus};
+use serde::Serialize;
+
+/// How the API asks for work on a host.
+#[derive(Clone, Debug)]
+pub struct SubmitOptions {
+    /// Wait this long for the agent's reply; `None` = return as soon as the change is recorded.
+    pub wait: Option<Duration>,
+    /// Who asked (token name), for the change log and audit.
+    pub requested_by: String,
+    /// The change expires if not applied within this time (default 10 min).
+    pub ttl: Duration,
+}
+
+/// What became of a submitted change.
+#[derive(Clone, Debug)]
+pub enum Submitted {
+    /// The agent answered within the wait: the change carries its reply.
+    Completed(Change),
+    /// Recorded (queued or dispatched) but not answered yet: follow it by id (HTTP 202).
+    Pending(Change),
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum OpsError {
+    #[error("no such host: {0}")]
+    UnknownHost(HostId),
+    /// This node does not own the host's shard (the cluster issue forwards instead).
+    #[error("host {0} is owned by another node")]
+    NotOwner(HostId),
+    #[error("store: {0}")]
+    Store(#[from] comodit_store::StoreError),
+    #[error("broker: {0}")]
+    Bus(String),
+    #[error("shutting down")]
+    ShuttingDown,
+    /// The actor did not answer in time (mailbox full or stuck): the outcome is unknown.
+    #[error("timed out talking to the host actor")]
+    Timeout,
+}
+
+/// Events for the API's SSE stream (`GET /api/v1/events`).
+#[derive(Clone, Debug, PartialEq, Serialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum NodeEvent {
+    HostOnline {
+        host: HostId,
+    },
+    HostOffline {
+        host: HostId,
+    },
+    HostEnrolled {
+        host: HostId,
+    },
+    HostRevoked {
+        host: HostId,
+    },
+    Change {
+        host: HostId,
+        change: ChangeId,
+        seq: u64,
+        status: ChangeStatus,
+    },
+    Drift {
+        host: HostId,
+        report: DriftReport,
+    },
+    DriftCleared {
+        host: HostId,
+        r#ref: ResourceRef,
+    },
+    Output {
+        host: HostId,
+        change: ChangeId,
+        seq: u64,
+        stream: Stream,
+        data: String,
+    },
+}
+
+/// What the API needs from the node's actors. Implemented by [`Orchestrator`]-like runtimes;
+/// tests of the API may fake it.
+#[async_trait]
+pub trait HostOps: Send + Sync + 'static {
+    /// Records a change in the host's log and gets it to the host's actor, which dispatches it to the
+    /// agent (or keeps it queued while the host is offline). Waits for the reply up to `opts.wait`.
+    async fn submit(
+        &self,
+        host: HostId,
+        body: Body,
+        opts: SubmitOptions,
+    ) -> Result<Submitted, OpsError>;
+    /// Cancels a change that is still queued (not yet dispatched). Returns the updated change.
+    async fn cancel(&self, host: HostId, change: ChangeId) -> Result<Change, OpsError>;
+    /// A receiver of node events (a bounded broadcast: a slow reader misses events and is told so).
+    fn events(&self) -> tokio::sync::broadcast::Receiver<NodeEvent>;
+    /// Stops the host's actor and forgets its in-memory state (after a revoke).
+    async fn forget(&self, host: HostId);
+}

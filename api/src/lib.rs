@@ -1,0 +1,1 @@
+//! # comodit-api (being built)

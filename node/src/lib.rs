@@ -1,0 +1,1 @@
+//! # comodit-node (being built)

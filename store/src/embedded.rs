@@ -1,0 +1,1 @@
+//! The embedded backend: one redb file (written by the store work).
