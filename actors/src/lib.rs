@@ -108,3 +108,10 @@ pub trait HostOps: Send + Sync + 'static {
     /// Stops the host's actor and forgets its in-memory state (after a revoke).
     async fn forget(&self, host: HostId);
 }
+
+/// Host lifecycle beyond the actors: revocation deletes the host's broker user (which closes its
+/// connections), its queue, and its records. Implemented by the node's enrollment service.
+#[async_trait]
+pub trait HostLifecycle: Send + Sync + 'static {
+    async fn revoke(&self, host: HostId) -> Result<(), OpsError>;
+}
