@@ -17,6 +17,8 @@
 //! - [`Bus::request`] publishes with RabbitMQ's direct reply-to and waits for the one reply
 //!   (enrollment); the answering side replies with [`Bus::publish`] to the default exchange.
 //! - [`topology`]: idempotent declarations of exchanges and queues under a prefix.
+//! - [`admin::BrokerAdmin`]: the management API, for per-host broker users and their
+//!   permissions, the enrollment user, and closing a user's connections.
 //!
 //! ## How data flows
 //!
@@ -42,6 +44,7 @@ mod consume;
 mod error;
 mod publish;
 
+pub mod admin;
 pub mod backoff;
 pub mod topology;
 
