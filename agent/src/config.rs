@@ -5,6 +5,7 @@
 use std::path::{Path, PathBuf};
 
 use clap::Args;
+use comodit_protocol::Secret;
 use serde::Deserialize;
 
 #[derive(Clone, Debug, PartialEq, Deserialize)]
@@ -16,8 +17,20 @@ pub struct AgentConfig {
     pub broker_url: String,
     /// Prefix of every exchange and queue name.
     pub prefix: String,
-    /// The cluster's shard count (fixed at cluster creation; given at enrollment).
+    /// The cluster's shard count (fixed at cluster creation). The node tells it at enrollment
+    /// and `run` uses that value (from `enrollment.json` in the state directory); set it here,
+    /// in `COMODIT_N_SHARDS` or with `--n-shards` only to override it.
     pub n_shards: u32,
+    /// Whether `n_shards` came from the file, the environment or a flag (then it wins over the
+    /// value learned at enrollment). Not a configuration key.
+    #[serde(skip)]
+    pub n_shards_set: bool,
+    /// The shared broker user an agent without credentials enrolls with (`enroll`, and `run
+    /// --enroll-token`). It may only publish enrollment requests. Default `comodit-enroll`;
+    /// environment `COMODIT_ENROLL_USER`.
+    pub enroll_user: String,
+    /// Its password. Default `comodit-enroll`; environment `COMODIT_ENROLL_PASSWORD`.
+    pub enroll_password: Secret,
     /// Routed heartbeat period; 0 turns it off (liveness then rests on AMQP heartbeats alone).
     pub heartbeat_s: u64,
     /// AMQP connection heartbeat: the broker notices a dead agent within about twice this.
@@ -46,6 +59,9 @@ impl Default for AgentConfig {
             broker_url: "amqp://127.0.0.1:5672/%2f".into(),
             prefix: "comodit".into(),
             n_shards: 256,
+            n_shards_set: false,
+            enroll_user: "comodit-enroll".into(),
+            enroll_password: Secret::new("comodit-enroll"),
             heartbeat_s: 300,
             amqp_heartbeat_s: 30,
             check_interval_s: 300,
@@ -71,6 +87,16 @@ pub struct Overrides {
     pub prefix: Option<String>,
     #[arg(long, env = "COMODIT_N_SHARDS", global = true)]
     pub n_shards: Option<u32>,
+    #[arg(long, env = "COMODIT_ENROLL_USER", global = true)]
+    pub enroll_user: Option<String>,
+    /// Prefer the environment variable: a flag's value shows in the process list.
+    #[arg(
+        long,
+        env = "COMODIT_ENROLL_PASSWORD",
+        global = true,
+        hide_env_values = true
+    )]
+    pub enroll_password: Option<String>,
     #[arg(long, env = "COMODIT_HEARTBEAT_S", global = true)]
     pub heartbeat_s: Option<u64>,
     #[arg(long, env = "COMODIT_AMQP_HEARTBEAT_S", global = true)]
@@ -104,20 +130,28 @@ pub enum ConfigError {
 impl AgentConfig {
     /// Loads the file (if any), applies the overrides and validates the result.
     pub fn load(file: Option<&Path>, overrides: &Overrides) -> Result<Self, ConfigError> {
-        let mut cfg = match file {
+        let mut file_sets_n_shards = false;
+        let mut cfg: AgentConfig = match file {
             Some(path) => {
                 let text = std::fs::read_to_string(path).map_err(|e| ConfigError::File {
                     path: path.to_owned(),
                     reason: e.to_string(),
                 })?;
-                toml::from_str(&text).map_err(|e| ConfigError::File {
+                let cfg = toml::from_str(&text).map_err(|e| ConfigError::File {
                     path: path.to_owned(),
                     reason: e.to_string(),
-                })?
+                })?;
+                file_sets_n_shards =
+                    toml::from_str::<toml::Table>(&text).is_ok_and(|t| t.contains_key("n_shards"));
+                cfg
             }
             None => AgentConfig::default(),
         };
         let o = overrides.clone();
+        cfg.n_shards_set = file_sets_n_shards || o.n_shards.is_some();
+        if let Some(password) = o.enroll_password {
+            cfg.enroll_password = Secret::new(password);
+        }
         macro_rules! take {
             ($($f:ident),*) => {$( if let Some(v) = o.$f { cfg.$f = v; } )*};
         }
@@ -126,6 +160,7 @@ impl AgentConfig {
             broker_url,
             prefix,
             n_shards,
+            enroll_user,
             heartbeat_s,
             amqp_heartbeat_s,
             check_interval_s,
@@ -158,6 +193,9 @@ impl AgentConfig {
         }
         if !(self.broker_url.starts_with("amqp://") || self.broker_url.starts_with("amqps://")) {
             return invalid("broker_url", "must start with amqp:// or amqps://");
+        }
+        if self.enroll_user.is_empty() {
+            return invalid("enroll_user", "must not be empty");
         }
         if self.check_interval_s == 0 {
             return invalid("check_interval_s", "must be positive");
@@ -218,6 +256,31 @@ mod tests {
         assert_eq!(cfg.prefix, "lab");
         assert_eq!(cfg.heartbeat_s, 0);
         assert_eq!(cfg.n_shards, 256);
+        assert!(!cfg.n_shards_set, "the default is not an override");
+        assert_eq!(cfg.enroll_user, "comodit-enroll");
+        assert_eq!(cfg.enroll_password.expose(), "comodit-enroll");
+    }
+
+    #[test]
+    fn n_shards_is_an_override_only_when_given() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("agent.toml");
+        std::fs::write(&path, "n_shards = 16\nenroll_user = \"e\"\n").unwrap();
+        let cfg = AgentConfig::load(Some(&path), &Overrides::default()).unwrap();
+        assert!(cfg.n_shards_set);
+        assert_eq!((cfg.n_shards, cfg.enroll_user.as_str()), (16, "e"));
+        let o = Overrides {
+            n_shards: Some(8),
+            enroll_password: Some("s3cr3t-enroll".into()),
+            ..Default::default()
+        };
+        let cfg = AgentConfig::load(None, &o).unwrap();
+        assert!(cfg.n_shards_set);
+        assert_eq!(cfg.enroll_password.expose(), "s3cr3t-enroll");
+        // The password never shows in the configuration's Debug.
+        assert!(!format!("{cfg:?}").contains("s3cr3t"), "{cfg:?}");
+        std::fs::write(&path, "n_shards_set = true\n").unwrap();
+        assert!(AgentConfig::load(Some(&path), &Overrides::default()).is_err());
     }
 
     #[test]

@@ -13,12 +13,14 @@
 //! Beside it, [`compliance`] re-checks the monitored baseline (on an interval and on inotify events)
 //! and sends `drift` / `drift_cleared` once per transition; policy `enforce` repairs.
 //! [`oneshot`] applies a resource file locally without a broker. Counters live in [`stats`].
+//! [`enroll`] gets the host its identity and broker credentials from the node, with a token.
 //!
 //! Entry point for tests and the binary: [`daemon::run`]`(config, shutdown)`.
 
 pub mod compliance;
 pub mod config;
 pub mod daemon;
+pub mod enroll;
 pub mod exec;
 pub mod facts;
 pub mod oneshot;

@@ -5,8 +5,9 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use anyhow::Context;
-use clap::{Parser, Subcommand};
+use clap::{Args, Parser, Subcommand};
 use comodit_agent::config::{AgentConfig, Overrides};
+use comodit_agent::enroll::{self, EnrollError, EnrollOptions};
 use comodit_agent::state::{self, Credentials};
 use comodit_protocol::{ApplyMode, HostId, Secret};
 use tokio_util::sync::CancellationToken;
@@ -26,7 +27,17 @@ struct Cli {
 #[derive(Subcommand)]
 enum Verb {
     /// Connect to the broker and serve commands (the default).
-    Run,
+    Run(RunArgs),
+    /// Get this host's identity and broker credentials from the node with an enrollment token
+    /// (exit code 3 if the node refuses).
+    Enroll {
+        /// The enrollment token (prefer the environment variable: flags show in `ps`).
+        #[arg(long, env = "COMODIT_ENROLL_TOKEN", hide_env_values = true)]
+        token: String,
+        /// Re-enroll a host that has credentials already: new password, old connections closed.
+        #[arg(long)]
+        force: bool,
+    },
     /// Apply a resource file on this host, without a broker, and print the results as JSON.
     Apply {
         file: PathBuf,
@@ -46,6 +57,16 @@ enum Verb {
     },
 }
 
+#[derive(Args, Default)]
+struct RunArgs {
+    /// Enroll first with this token when no credentials are stored.
+    #[arg(long, env = "COMODIT_ENROLL_TOKEN", hide_env_values = true)]
+    enroll_token: Option<String>,
+    /// With --enroll-token: enroll again even if credentials are stored.
+    #[arg(long)]
+    force: bool,
+}
+
 fn init_logging(cfg: &AgentConfig) {
     let filter = tracing_subscriber::EnvFilter::try_new(&cfg.log)
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
@@ -59,42 +80,82 @@ fn init_logging(cfg: &AgentConfig) {
     }
 }
 
+fn runtime() -> std::io::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+}
+
+/// A token cancelled on SIGINT or SIGTERM. Call within the runtime.
+fn shutdown_on_signal() -> CancellationToken {
+    let shutdown = CancellationToken::new();
+    let signal = shutdown.clone();
+    tokio::spawn(async move {
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+            .expect("signal handler");
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {}
+            _ = term.recv() => {}
+        }
+        tracing::info!("shutting down");
+        signal.cancel();
+    });
+    shutdown
+}
+
 fn main() -> ExitCode {
     match real_main() {
         Ok(code) => code,
         Err(e) => {
             eprintln!("error: {e:#}");
-            ExitCode::from(1)
+            let code = e
+                .downcast_ref::<EnrollError>()
+                .map_or(1, EnrollError::exit_code);
+            ExitCode::from(code)
         }
     }
 }
 
 fn real_main() -> anyhow::Result<ExitCode> {
     let cli = Cli::parse();
-    let cfg = AgentConfig::load(cli.config.as_deref(), &cli.overrides)?;
+    let mut cfg = AgentConfig::load(cli.config.as_deref(), &cli.overrides)?;
     init_logging(&cfg);
-    match cli.command.unwrap_or(Verb::Run) {
-        Verb::Run => {
-            let rt = tokio::runtime::Builder::new_multi_thread()
-                .worker_threads(2)
-                .enable_all()
-                .build()?;
+    // Without a verb, `run` still takes its token from the environment.
+    let verb = cli.command.unwrap_or_else(|| {
+        Verb::Run(RunArgs {
+            enroll_token: std::env::var("COMODIT_ENROLL_TOKEN").ok(),
+            force: false,
+        })
+    });
+    match verb {
+        Verb::Run(args) => {
+            let rt = runtime()?;
             rt.block_on(async {
-                let shutdown = CancellationToken::new();
-                let signal = shutdown.clone();
-                tokio::spawn(async move {
-                    let mut term =
-                        tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-                            .expect("signal handler");
-                    tokio::select! {
-                        _ = tokio::signal::ctrl_c() => {}
-                        _ = term.recv() => {}
-                    }
-                    tracing::info!("shutting down");
-                    signal.cancel();
-                });
-                comodit_agent::run(cfg, shutdown).await
+                let shutdown = shutdown_on_signal();
+                if let Some(token) = args.enroll_token {
+                    let opts = EnrollOptions::new(Secret::new(token), args.force);
+                    enroll::ensure_enrolled(&cfg, &opts, &shutdown).await?;
+                }
+                enroll::apply_enrollment(&mut cfg)?;
+                comodit_agent::run(cfg, shutdown).await?;
+                anyhow::Ok(())
             })?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Verb::Enroll { token, force } => {
+            let rt = runtime()?;
+            let enrollment = rt.block_on(async {
+                let shutdown = shutdown_on_signal();
+                let opts = EnrollOptions::new(Secret::new(token), force);
+                enroll::enroll(&cfg, &opts, &shutdown).await
+            })?;
+            eprintln!(
+                "enrolled as {} ({} shards); credentials written to {}",
+                enrollment.host,
+                enrollment.n_shards,
+                state::credentials_path(&cfg.state_dir).display()
+            );
             Ok(ExitCode::SUCCESS)
         }
         Verb::Apply {
