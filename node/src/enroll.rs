@@ -151,10 +151,11 @@ impl Outcome {
 }
 
 impl EnrollService {
-    /// Ensures the enrollment user, registers the declaration of the core topology (which
-    /// includes `<p>.enroll`) on every (re)connect of `bus`, and starts consuming enrollment
-    /// requests until `shutdown`. Returns once the enrollment user is in place; the consumer
-    /// subscribes as soon as the bus is connected.
+    /// Registers the declaration of the core topology (which includes `<p>.enroll`) on every
+    /// (re)connect of `bus` (and declares it at once if the bus is connected), ensures the
+    /// enrollment user, and starts consuming enrollment requests until `shutdown`. Returns
+    /// once the enrollment user is in place; the consumer subscribes as soon as the bus is
+    /// connected (requests sent meanwhile wait in the durable queue).
     pub async fn start(
         store: Arc<dyn Store>,
         bus: Bus,
@@ -172,9 +173,6 @@ impl EnrollService {
                 "the enrollment user and password must not be empty".into(),
             ));
         }
-        admin
-            .ensure_enroll_user(&names, &cfg.enroll_user, &cfg.enroll_password)
-            .await?;
         {
             let (names, n_shards) = (names.clone(), cfg.n_shards);
             bus.on_connect(move |ch| {
@@ -182,6 +180,27 @@ impl EnrollService {
                 async move { topology::declare_core(&ch, &names, n_shards).await }
             });
         }
+        // A routine registered on a live connection runs in the background: declare now too,
+        // so that once `start` returns on a connected bus, requests can be routed.
+        if bus.is_connected() {
+            let declared = match bus.channel().await {
+                Ok(ch) => {
+                    let r = topology::declare_core(&ch, &names, cfg.n_shards).await;
+                    if ch.status().connected() {
+                        let _ = ch.close(200, "done".into()).await;
+                    }
+                    r
+                }
+                Err(e) => Err(e),
+            };
+            if let Err(e) = declared {
+                // The routine runs again on the next connection.
+                warn!(error = %e, "enrollment topology not declared yet");
+            }
+        }
+        admin
+            .ensure_enroll_user(&names, &cfg.enroll_user, &cfg.enroll_password)
+            .await?;
         let (stopped, _) = watch::channel(false);
         let service = EnrollService {
             inner: Arc::new(Inner {
