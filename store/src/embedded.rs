@@ -72,8 +72,8 @@ use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 use comodit_protocol::{Epoch, HostId, Reply};
 use redb::{
-    Database, ReadTransaction, ReadableDatabase, ReadableTable, Table,
-    TableDefinition, WriteTransaction,
+    Database, ReadTransaction, ReadableDatabase, ReadableTable, Table, TableDefinition,
+    WriteTransaction,
 };
 use serde::de::DeserializeOwned;
 use serde::Serialize;
@@ -398,7 +398,12 @@ fn exists(t: &impl ReadableTable<Bytes, Bytes>, key: &[u8]) -> Result<bool> {
     Ok(t.get(key)?.is_some())
 }
 
-fn put_json<T: Serialize>(t: &mut Table<Bytes, Bytes>, what: &str, key: &[u8], v: &T) -> Result<()> {
+fn put_json<T: Serialize>(
+    t: &mut Table<Bytes, Bytes>,
+    what: &str,
+    key: &[u8],
+    v: &T,
+) -> Result<()> {
     let bytes = enc(what, v)?;
     t.insert(key, bytes.as_slice())?;
     Ok(())
@@ -553,8 +558,7 @@ pub fn validate_name(what: &str, name: &str) -> Result<()> {
     let ok = !b.is_empty()
         && b.len() <= 63
         && (b[0].is_ascii_lowercase() || b[0].is_ascii_digit())
-        && b
-            .iter()
+        && b.iter()
             .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || *c == b'-');
     if ok {
         Ok(())
@@ -601,7 +605,10 @@ fn validate_host(host: &Host) -> Result<()> {
 }
 
 fn validate_secret_sha256(s: &str) -> Result<()> {
-    if s.len() == 64 && s.bytes().all(|c| c.is_ascii_digit() || (b'a'..=b'f').contains(&c)) {
+    if s.len() == 64
+        && s.bytes()
+            .all(|c| c.is_ascii_digit() || (b'a'..=b'f').contains(&c))
+    {
         Ok(())
     } else {
         Err(StoreError::Invalid(
@@ -635,7 +642,12 @@ fn check_fence(given: Epoch, stored: Epoch) -> Result<()> {
     }
 }
 
-fn raise_fence(t: &mut Table<Bytes, Bytes>, host: HostId, stored: Epoch, given: Epoch) -> Result<()> {
+fn raise_fence(
+    t: &mut Table<Bytes, Bytes>,
+    host: HostId,
+    stored: Epoch,
+    given: Epoch,
+) -> Result<()> {
     if given > stored {
         t.insert(host.0.as_bytes().as_slice(), be64(given.0).as_slice())?;
     }
@@ -687,7 +699,10 @@ impl Store for EmbeddedStore {
                 )));
             }
             if exists(&orgs, org.id.0.as_bytes())? {
-                return Err(StoreError::Conflict(format!("organization {} exists", org.id)));
+                return Err(StoreError::Conflict(format!(
+                    "organization {} exists",
+                    org.id
+                )));
             }
             put_json(&mut orgs, "organization", org.id.0.as_bytes(), &org)?;
             names.insert(org.name.as_bytes(), org.id.0.as_bytes().as_slice())?;
@@ -786,7 +801,10 @@ impl Store for EmbeddedStore {
                 )));
             }
             if exists(&envs, env.id.0.as_bytes())? {
-                return Err(StoreError::Conflict(format!("environment {} exists", env.id)));
+                return Err(StoreError::Conflict(format!(
+                    "environment {} exists",
+                    env.id
+                )));
             }
             put_json(&mut envs, "environment", env.id.0.as_bytes(), &env)?;
             names.insert(name_key.as_slice(), env.id.0.as_bytes().as_slice())?;
@@ -875,8 +893,14 @@ impl Store for EmbeddedStore {
             }
             let id = host.id.0.as_bytes();
             put_json(&mut hosts, "host", id, &host)?;
-            mark(&mut txn.open_table(HOSTS_BY_ORG)?, &cat(&[host.org.0.as_bytes(), id]))?;
-            mark(&mut txn.open_table(HOSTS_BY_ENV)?, &cat(&[host.env.0.as_bytes(), id]))?;
+            mark(
+                &mut txn.open_table(HOSTS_BY_ORG)?,
+                &cat(&[host.org.0.as_bytes(), id]),
+            )?;
+            mark(
+                &mut txn.open_table(HOSTS_BY_ENV)?,
+                &cat(&[host.env.0.as_bytes(), id]),
+            )?;
             mark(
                 &mut txn.open_table(HOSTS_BY_SHARD)?,
                 &cat(&[&host.shard.to_be_bytes(), id]),
@@ -1032,7 +1056,12 @@ impl Store for EmbeddedStore {
             let mut fences = txn.open_table(FENCES)?;
             let stored = fence(&fences, rt.host)?;
             check_fence(rt.epoch, stored)?;
-            put_json(&mut txn.open_table(RUNTIME)?, "runtime", rt.host.0.as_bytes(), &rt)?;
+            put_json(
+                &mut txn.open_table(RUNTIME)?,
+                "runtime",
+                rt.host.0.as_bytes(),
+                &rt,
+            )?;
             raise_fence(&mut fences, rt.host, stored, rt.epoch)
         })
         .await
@@ -1179,7 +1208,8 @@ impl Store for EmbeddedStore {
             let mut out = Vec::new();
             let mut after: Option<Vec<u8>> = None;
             // One seek per host, skipping the rest of its pending changes.
-            while let Some(entry) = prefix_range(&pending, &prefix, after.as_deref(), None)?.next() {
+            while let Some(entry) = prefix_range(&pending, &prefix, after.as_deref(), None)?.next()
+            {
                 let (k, _) = entry?;
                 let host = &k.value()[4..20];
                 out.push(HostId(read_uuid("pending key", host)?));
@@ -1202,9 +1232,12 @@ impl Store for EmbeddedStore {
         }
         let token = token.clone();
         self.write(move |txn| {
-            let env: Environment =
-                get_json(&txn.open_table(ENVS)?, "environment", token.env.0.as_bytes())?
-                    .ok_or_else(|| StoreError::NotFound(format!("environment {}", token.env)))?;
+            let env: Environment = get_json(
+                &txn.open_table(ENVS)?,
+                "environment",
+                token.env.0.as_bytes(),
+            )?
+            .ok_or_else(|| StoreError::NotFound(format!("environment {}", token.env)))?;
             if env.org != token.org {
                 return Err(StoreError::Invalid(format!(
                     "environment {} belongs to organization {}, not {}",
@@ -1263,7 +1296,9 @@ impl Store for EmbeddedStore {
                     let id = suffix.get(8..).unwrap_or_default();
                     get_json(&tokens, "enrollment token", id)?
                         .map(Some)
-                        .ok_or_else(|| StoreError::Backend("enroll_by_org index is dangling".into()))
+                        .ok_or_else(|| {
+                            StoreError::Backend("enroll_by_org index is dangling".into())
+                        })
                 },
             )
         })
@@ -1338,7 +1373,10 @@ impl Store for EmbeddedStore {
             let mut tokens = txn.open_table(API_TOKENS)?;
             let mut by_secret = txn.open_table(API_BY_SECRET)?;
             if exists(&tokens, token.id.0.as_bytes())? {
-                return Err(StoreError::Conflict(format!("API token {} exists", token.id)));
+                return Err(StoreError::Conflict(format!(
+                    "API token {} exists",
+                    token.id
+                )));
             }
             if exists(&by_secret, token.secret_sha256.as_bytes())? {
                 return Err(StoreError::Conflict(
@@ -1520,12 +1558,12 @@ impl Store for EmbeddedStore {
     async fn delete_setting(&self, scope: &SettingScope, key: &str) -> Result<()> {
         let shown = format!("setting {key:?}");
         let key = cat(&[&scope_key(scope), key.as_bytes()]);
-        self.write(move |txn| {
-            match txn.open_table(SETTINGS)?.remove(key.as_slice())? {
+        self.write(
+            move |txn| match txn.open_table(SETTINGS)?.remove(key.as_slice())? {
                 Some(_) => Ok(()),
                 None => Err(StoreError::NotFound(shown)),
-            }
-        })
+            },
+        )
         .await
     }
 
@@ -1588,7 +1626,10 @@ impl Store for EmbeddedStore {
                 &cat(&[job, host]),
                 &result,
             )?;
-            mark(&mut txn.open_table(JOB_RESULTS_BY_HOST)?, &cat(&[host, job]))
+            mark(
+                &mut txn.open_table(JOB_RESULTS_BY_HOST)?,
+                &cat(&[host, job]),
+            )
         })
         .await
     }
@@ -1642,7 +1683,10 @@ mod tests {
         }
         for bad in ["", "-a", "A", "a_b", "a.b", "é", &"a".repeat(64)] {
             assert!(
-                matches!(validate_name("organization", bad), Err(StoreError::Invalid(_))),
+                matches!(
+                    validate_name("organization", bad),
+                    Err(StoreError::Invalid(_))
+                ),
                 "{bad:?} accepted"
             );
         }
