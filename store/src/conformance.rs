@@ -80,6 +80,7 @@ macro_rules! __conformance_checks {
             org_lifecycle,
             org_listing,
             env_lifecycle,
+            deleting_an_org_or_env_removes_what_lives_in_it,
             host_lifecycle,
             host_versions,
             delete_host_removes_everything_of_the_host,
@@ -507,6 +508,87 @@ pub async fn env_lifecycle(store: &dyn Store) {
     store.delete_env(dev.id).await.unwrap();
     store.delete_org(acme.id).await.unwrap();
     assert_eq!(store.get_org(acme.id).await.unwrap(), None);
+}
+
+pub async fn deleting_an_org_or_env_removes_what_lives_in_it(store: &dyn Store) {
+    let (acme, prod) = acme(store).await;
+    let globex = new_org(store, "globex").await;
+    let globex_prod = new_env(store, &globex, "prod").await;
+    for org in [&acme, &globex] {
+        store
+            .put_application(&application(org.id, "nginx", "1"))
+            .await
+            .unwrap();
+    }
+    let token = enrollment_token(&prod, "acme-secret");
+    store.create_enrollment_token(&token).await.unwrap();
+    let kept_token = enrollment_token(&globex_prod, "globex-secret");
+    store.create_enrollment_token(&kept_token).await.unwrap();
+    let setting = |scope: SettingScope| Setting {
+        scope,
+        key: "region".into(),
+        value: serde_json::json!("eu"),
+        secret: false,
+        updated_at: now(),
+    };
+    let scopes = [
+        SettingScope::Org { org: acme.id },
+        SettingScope::Env { env: prod.id },
+        SettingScope::Org { org: globex.id },
+        SettingScope::Env {
+            env: globex_prod.id,
+        },
+    ];
+    for scope in &scopes {
+        store.put_setting(&setting(scope.clone())).await.unwrap();
+    }
+
+    store.delete_env(prod.id).await.unwrap();
+    assert!(store.list_settings(&scopes[1]).await.unwrap().is_empty());
+    assert_eq!(store.list_settings(&scopes[0]).await.unwrap().len(), 1);
+    store.delete_org(acme.id).await.unwrap();
+
+    assert!(store.list_settings(&scopes[0]).await.unwrap().is_empty());
+    assert_eq!(
+        store.get_application(acme.id, "nginx", "1").await.unwrap(),
+        None
+    );
+    let apps = store
+        .list_applications(acme.id, &Page::first(10))
+        .await
+        .unwrap();
+    assert!(apps.items.is_empty());
+    assert_eq!(store.get_enrollment_token(token.id).await.unwrap(), None);
+    let tokens = store
+        .list_enrollment_tokens(acme.id, &Page::first(10))
+        .await
+        .unwrap();
+    assert!(tokens.items.is_empty());
+    assert_err!(
+        store
+            .use_enrollment_token(&sha256_hex("acme-secret"), now())
+            .await,
+        StoreError::NotFound(_)
+    );
+    // A new organization of the same name starts empty, and the other one kept everything.
+    let again = new_org(store, "acme").await;
+    let apps = store
+        .list_applications(again.id, &Page::first(10))
+        .await
+        .unwrap();
+    assert!(apps.items.is_empty());
+    assert!(store
+        .get_application(globex.id, "nginx", "1")
+        .await
+        .unwrap()
+        .is_some());
+    assert_eq!(
+        store.get_enrollment_token(kept_token.id).await.unwrap(),
+        Some(kept_token)
+    );
+    for scope in &scopes[2..] {
+        assert_eq!(store.list_settings(scope).await.unwrap().len(), 1);
+    }
 }
 
 // --- hosts -----------------------------------------------------------------------------------

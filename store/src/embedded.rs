@@ -188,7 +188,7 @@ impl EmbeddedStore {
                 e => StoreError::Backend(format!("cannot open store file {shown}: {e}")),
             })?;
         let txn = db.begin_write()?;
-        let version = prepare_schema(&txn).map_err(|e| match e {
+        let version = prepare_schema(&txn, MIGRATIONS).map_err(|e| match e {
             StoreError::Backend(m) => StoreError::Backend(format!("store file {shown}: {m}")),
             e => e,
         })?;
@@ -229,8 +229,10 @@ impl EmbeddedStore {
     }
 }
 
-/// Creates the tables of a new file or checks and migrates an existing one; returns the version.
-fn prepare_schema(txn: &WriteTransaction) -> Result<u64> {
+/// Creates the tables of a new file or checks and migrates an existing one, up to the version
+/// that `migrations` lead to (`1 + migrations.len()`); returns that version.
+fn prepare_schema(txn: &WriteTransaction, migrations: &[Migration]) -> Result<u64> {
+    let current = 1 + migrations.len() as u64;
     let had_tables = txn.list_tables()?.next().is_some();
     let (magic, version) = {
         let meta = txn.open_table(META).map_err(|e| {
@@ -240,30 +242,22 @@ fn prepare_schema(txn: &WriteTransaction) -> Result<u64> {
         let version = meta.get("schema_version")?.map(|g| g.value());
         (magic, version)
     };
-    let version = match (magic, version) {
+    match (magic, version) {
         (None, None) if !had_tables => {
             let mut meta = txn.open_table(META)?;
             meta.insert("magic", MAGIC)?;
-            meta.insert("schema_version", SCHEMA_VERSION)?;
-            SCHEMA_VERSION
+            meta.insert("schema_version", current)?;
         }
-        (Some(MAGIC), Some(v)) if v > SCHEMA_VERSION => {
+        (Some(MAGIC), Some(v)) if v > current => {
             return Err(StoreError::Backend(format!(
-                "schema version {v} is newer than this build knows ({SCHEMA_VERSION}): \
+                "schema version {v} is newer than this build knows ({current}): \
                  refusing to open it (run a newer comodit, or restore a backup)"
             )))
         }
         (Some(MAGIC), Some(v)) if v >= 1 => {
-            for (from, step) in MIGRATIONS.iter().enumerate().skip(v as usize - 1) {
-                let from = from as u64 + 1;
-                tracing::info!(from, to = from + 1, "migrating store schema");
-                step(txn)?;
+            for from in v..current {
+                migrate(txn, from, migrations)?;
             }
-            if v < SCHEMA_VERSION {
-                txn.open_table(META)?
-                    .insert("schema_version", SCHEMA_VERSION)?;
-            }
-            SCHEMA_VERSION
         }
         (Some(MAGIC), v) => {
             return Err(StoreError::Backend(format!(
@@ -275,11 +269,26 @@ fn prepare_schema(txn: &WriteTransaction) -> Result<u64> {
                 "not a comodit store (a redb file of another program)".into(),
             ))
         }
-    };
+    }
     for def in ALL_TABLES {
         txn.open_table(*def)?;
     }
-    Ok(version)
+    Ok(current)
+}
+
+/// Upgrades the schema from version `from` to `from + 1` and records the new version. Part of the
+/// open's transaction: if a later step fails, the file stays at the version it had.
+fn migrate(txn: &WriteTransaction, from: u64, migrations: &[Migration]) -> Result<()> {
+    let step = usize::try_from(from - 1)
+        .ok()
+        .and_then(|i| migrations.get(i))
+        .ok_or_else(|| StoreError::Backend(format!("no migration from schema version {from}")))?;
+    tracing::info!(from, to = from + 1, "migrating store schema");
+    step(txn).map_err(|e| {
+        StoreError::Backend(format!("migrating schema {from} to {}: {e}", from + 1))
+    })?;
+    txn.open_table(META)?.insert("schema_version", from + 1)?;
+    Ok(())
 }
 
 // --- errors ----------------------------------------------------------------------------------
@@ -1652,6 +1661,7 @@ impl Store for EmbeddedStore {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use redb::ReadableTableMetadata;
 
     #[test]
     fn prefix_end_increments_the_last_byte_below_ff() {
@@ -1690,6 +1700,87 @@ mod tests {
                 "{bad:?} accepted"
             );
         }
+    }
+
+    /// Opens `path` with `migrations` as this build's list, like [`EmbeddedStore::open`] does.
+    fn open_with(path: &Path, migrations: &[Migration]) -> Result<u64> {
+        let db = Database::create(path)?;
+        let txn = db.begin_write()?;
+        let version = prepare_schema(&txn, migrations)?;
+        txn.commit()?;
+        Ok(version)
+    }
+
+    /// What ran, in order, as recorded by the fake migrations below.
+    fn ran(path: &Path) -> Vec<u64> {
+        let db = Database::create(path).unwrap();
+        let txn = db.begin_read().unwrap();
+        let meta = txn.open_table(META).unwrap();
+        let mut out: Vec<(u64, u64)> = ["ran_1", "ran_2"]
+            .iter()
+            .zip(1..)
+            .filter_map(|(key, from)| meta.get(*key).unwrap().map(|g| (g.value(), from)))
+            .collect();
+        out.sort();
+        out.into_iter().map(|(_, from)| from).collect()
+    }
+
+    fn record(txn: &WriteTransaction, key: &str) -> Result<()> {
+        let mut meta = txn.open_table(META)?;
+        let order = meta.len()?;
+        meta.insert(key, order)?;
+        Ok(())
+    }
+
+    fn step_1(txn: &WriteTransaction) -> Result<()> {
+        record(txn, "ran_1")
+    }
+
+    fn step_2(txn: &WriteTransaction) -> Result<()> {
+        record(txn, "ran_2")
+    }
+
+    fn failing_step(_: &WriteTransaction) -> Result<()> {
+        Err(StoreError::Backend("disk on fire".into()))
+    }
+
+    #[test]
+    fn migrations_run_in_order_from_the_stored_version() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("store.redb");
+        assert_eq!(open_with(&path, &[]).unwrap(), 1);
+        // A build two versions ahead runs both steps, in order, once.
+        assert_eq!(open_with(&path, &[step_1, step_2]).unwrap(), 3);
+        assert_eq!(ran(&path), vec![1, 2]);
+        assert_eq!(open_with(&path, &[step_1, step_2]).unwrap(), 3);
+        assert_eq!(ran(&path), vec![1, 2]);
+        // And the older build now refuses the file.
+        let err = open_with(&path, &[]).unwrap_err();
+        assert!(
+            err.to_string().contains("schema version 3 is newer"),
+            "{err}"
+        );
+
+        // From version 2, only the second step runs.
+        let path = dir.path().join("at-2.redb");
+        assert_eq!(open_with(&path, &[step_1]).unwrap(), 2);
+        assert!(ran(&path).is_empty());
+        assert_eq!(open_with(&path, &[step_1, step_2]).unwrap(), 3);
+        assert_eq!(ran(&path), vec![2]);
+    }
+
+    #[test]
+    fn a_failed_migration_leaves_the_file_as_it_was() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("store.redb");
+        assert_eq!(open_with(&path, &[]).unwrap(), 1);
+        let err = open_with(&path, &[step_1, failing_step]).unwrap_err();
+        assert!(
+            err.to_string().contains("migrating schema 2 to 3: "),
+            "{err}"
+        );
+        assert!(ran(&path).is_empty(), "the first step was rolled back too");
+        assert_eq!(open_with(&path, &[]).unwrap(), 1);
     }
 
     #[test]

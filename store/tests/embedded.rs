@@ -298,3 +298,47 @@ async fn a_second_open_of_the_same_file_is_refused() {
     let msg = backend_error(EmbeddedStore::open(&path));
     assert!(msg.contains("already open"), "{msg}");
 }
+
+#[tokio::test]
+async fn records_and_setting_counts_are_bounded() {
+    use comodit_store::embedded::{MAX_RECORD_BYTES, MAX_SETTINGS_PER_SCOPE};
+    let dir = tempfile::tempdir().unwrap();
+    let store = EmbeddedStore::open(&dir.path().join("store.redb")).unwrap();
+    let (host, change, ..) = populate(&store).await;
+
+    // One record past the limit is refused, and nothing of it is stored.
+    let mut huge = change.clone();
+    huge.id = ChangeId::random();
+    huge.request = serde_json::json!({ "blob": "x".repeat(MAX_RECORD_BYTES) });
+    let refused = store.append_change(&huge).await;
+    assert!(
+        matches!(refused, Err(StoreError::Invalid(_))),
+        "{refused:?}"
+    );
+    assert_eq!(store.get_change(host.id, huge.id).await.unwrap(), None);
+    let mut near = change.clone();
+    near.id = ChangeId::random();
+    near.request = serde_json::json!({ "blob": "x".repeat(MAX_RECORD_BYTES - 4096) });
+    store.append_change(&near).await.unwrap();
+
+    let scope = SettingScope::Host { host: host.id };
+    let setting = |key: String| Setting {
+        scope: scope.clone(),
+        key,
+        value: serde_json::json!(1),
+        secret: false,
+        updated_at: Utc::now(),
+    };
+    for i in 0..MAX_SETTINGS_PER_SCOPE {
+        store.put_setting(&setting(format!("k{i}"))).await.unwrap();
+    }
+    let refused = store.put_setting(&setting("one-more".into())).await;
+    assert!(
+        matches!(refused, Err(StoreError::Invalid(_))),
+        "{refused:?}"
+    );
+    // Replacing one at the limit is fine.
+    store.put_setting(&setting("k0".into())).await.unwrap();
+    let listed = store.list_settings(&scope).await.unwrap();
+    assert_eq!(listed.len(), MAX_SETTINGS_PER_SCOPE);
+}
