@@ -55,6 +55,9 @@
 //! used up" and the use that follows cannot interleave. Commits use redb's default durability
 //! (`Immediate`): when a mutating call returns `Ok`, its transaction is on disk (fsync'd) and survives
 //! a crash or power loss.
+//! Each commit syncs the file, which bounds the write rate: on the 2-core development VM (ext4 on
+//! virtio) sequential `put_runtime` calls ran at 1,700–2,700 commits/s, `create_host` (five index
+//! writes) at 500–2,000/s, and eight concurrent writers did no better (no group commit).
 //!
 //! # Schema versions
 //!
@@ -176,6 +179,9 @@ impl EmbeddedStore {
     /// Opens the store file at `path`, creating it if missing. Checks the file's integrity and its
     /// schema version, and migrates an older schema. Fails if another process has it open, if it is
     /// not a comodit store, if it is damaged, or if its schema is newer than this build.
+    ///
+    /// Blocking: the integrity check reads the whole file. Call it at startup or from
+    /// `spawn_blocking`.
     pub fn open(path: &Path) -> Result<EmbeddedStore> {
         let shown = path.display();
         let db = Database::builder()

@@ -288,6 +288,16 @@ async fn a_damaged_file_is_refused_cleanly() {
     }
     std::fs::write(&path, &bytes).unwrap();
     backend_error(EmbeddedStore::open(&path));
+
+    // A file cut short (a copy that stopped halfway) is refused too.
+    let path = dir.path().join("truncated.redb");
+    let store = EmbeddedStore::open(&path).unwrap();
+    populate(&store).await;
+    drop(store);
+    let bytes = std::fs::read(&path).unwrap();
+    std::fs::write(&path, &bytes[..bytes.len() / 2]).unwrap();
+    let msg = backend_error(EmbeddedStore::open(&path));
+    assert!(msg.contains("truncated"), "{msg}");
 }
 
 #[tokio::test]
