@@ -12,6 +12,7 @@ use comodit_bus::admin::BrokerAdmin;
 use comodit_bus::{Bus, BusConfig, ConsumeOptions, Consumer};
 use comodit_node::enroll::{hash_token, EnrollConfig, EnrollService};
 use comodit_protocol::{HostId, Names, UpKey, UpKind};
+use comodit_store::embedded::EmbeddedStore;
 use comodit_store::{EnrollmentToken, EnvId, Environment, OrgId, Organization, Store, TokenId};
 use comodit_testkit as kit;
 use tokio_util::sync::CancellationToken;
@@ -19,232 +20,6 @@ use tokio_util::sync::CancellationToken;
 const N_SHARDS: u32 = 2;
 const WAIT: Duration = Duration::from_secs(30);
 const AGENT: &str = env!("CARGO_BIN_EXE_comodit-agent");
-
-/// TEMPORARY: an in-memory store with only what enrollment uses, until the embedded backend lands.
-mod memstore {
-    use std::collections::HashMap;
-    use std::sync::Mutex;
-
-    use async_trait::async_trait;
-    use chrono::{DateTime, Utc};
-    use comodit_protocol::{Epoch, HostId, Reply};
-    use comodit_store::*;
-
-    #[derive(Default)]
-    pub struct Mem {
-        orgs: Mutex<HashMap<OrgId, Organization>>,
-        envs: Mutex<HashMap<EnvId, Environment>>,
-        hosts: Mutex<HashMap<HostId, Host>>,
-        runtime: Mutex<HashMap<HostId, HostRuntime>>,
-        tokens: Mutex<HashMap<TokenId, EnrollmentToken>>,
-        audit: Mutex<Vec<AuditEntry>>,
-    }
-
-    #[async_trait]
-    impl Store for Mem {
-        async fn create_org(&self, org: &Organization) -> Result<()> {
-            self.orgs.lock().unwrap().insert(org.id, org.clone());
-            Ok(())
-        }
-        async fn get_org(&self, id: OrgId) -> Result<Option<Organization>> {
-            Ok(self.orgs.lock().unwrap().get(&id).cloned())
-        }
-        async fn get_org_by_name(&self, _: &str) -> Result<Option<Organization>> {
-            unimplemented!()
-        }
-        async fn list_orgs(&self, _: &Page) -> Result<Paged<Organization>> {
-            unimplemented!()
-        }
-        async fn delete_org(&self, _: OrgId) -> Result<()> {
-            unimplemented!()
-        }
-        async fn create_env(&self, env: &Environment) -> Result<()> {
-            self.envs.lock().unwrap().insert(env.id, env.clone());
-            Ok(())
-        }
-        async fn get_env(&self, id: EnvId) -> Result<Option<Environment>> {
-            Ok(self.envs.lock().unwrap().get(&id).cloned())
-        }
-        async fn get_env_by_name(&self, _: OrgId, _: &str) -> Result<Option<Environment>> {
-            unimplemented!()
-        }
-        async fn list_envs(&self, _: OrgId, _: &Page) -> Result<Paged<Environment>> {
-            unimplemented!()
-        }
-        async fn delete_env(&self, _: EnvId) -> Result<()> {
-            unimplemented!()
-        }
-        async fn create_host(&self, host: &Host) -> Result<Host> {
-            let mut h = host.clone();
-            h.version = 1;
-            let mut hosts = self.hosts.lock().unwrap();
-            if hosts.contains_key(&h.id) {
-                return Err(StoreError::Conflict("host".into()));
-            }
-            hosts.insert(h.id, h.clone());
-            Ok(h)
-        }
-        async fn get_host(&self, id: HostId) -> Result<Option<Host>> {
-            Ok(self.hosts.lock().unwrap().get(&id).cloned())
-        }
-        async fn update_host(&self, _: &Host, _: u64) -> Result<Host> {
-            unimplemented!()
-        }
-        async fn delete_host(&self, id: HostId) -> Result<()> {
-            self.hosts.lock().unwrap().remove(&id);
-            self.runtime.lock().unwrap().remove(&id);
-            Ok(())
-        }
-        async fn list_hosts(&self, f: &HostFilter, _: &Page) -> Result<Paged<Host>> {
-            let items = self
-                .hosts
-                .lock()
-                .unwrap()
-                .values()
-                .filter(|h| f.env.is_none_or(|e| e == h.env))
-                .cloned()
-                .collect();
-            Ok(Paged { items, next: None })
-        }
-        async fn put_runtime(&self, rt: &HostRuntime) -> Result<()> {
-            let mut m = self.runtime.lock().unwrap();
-            if let Some(old) = m.get(&rt.host) {
-                if old.epoch > rt.epoch {
-                    return Err(StoreError::StaleEpoch {
-                        given: rt.epoch,
-                        stored: old.epoch,
-                    });
-                }
-            }
-            m.insert(rt.host, rt.clone());
-            Ok(())
-        }
-        async fn get_runtime(&self, host: HostId) -> Result<Option<HostRuntime>> {
-            Ok(self.runtime.lock().unwrap().get(&host).cloned())
-        }
-        async fn append_change(&self, _: &Change) -> Result<Change> {
-            unimplemented!()
-        }
-        async fn get_change(&self, _: HostId, _: ChangeId) -> Result<Option<Change>> {
-            unimplemented!()
-        }
-        async fn update_change(
-            &self,
-            _: HostId,
-            _: ChangeId,
-            _: ChangeStatus,
-            _: Option<Reply>,
-            _: Epoch,
-        ) -> Result<Change> {
-            unimplemented!()
-        }
-        async fn list_changes(&self, _: HostId, _: &Page) -> Result<Paged<Change>> {
-            unimplemented!()
-        }
-        async fn pending_changes(&self, _: HostId) -> Result<Vec<Change>> {
-            unimplemented!()
-        }
-        async fn hosts_with_pending_changes(&self, _: u32) -> Result<Vec<HostId>> {
-            unimplemented!()
-        }
-        async fn create_enrollment_token(&self, t: &EnrollmentToken) -> Result<()> {
-            self.tokens.lock().unwrap().insert(t.id, t.clone());
-            Ok(())
-        }
-        async fn get_enrollment_token(&self, id: TokenId) -> Result<Option<EnrollmentToken>> {
-            Ok(self.tokens.lock().unwrap().get(&id).cloned())
-        }
-        async fn list_enrollment_tokens(
-            &self,
-            _: OrgId,
-            _: &Page,
-        ) -> Result<Paged<EnrollmentToken>> {
-            unimplemented!()
-        }
-        async fn use_enrollment_token(
-            &self,
-            sha: &str,
-            now: DateTime<Utc>,
-        ) -> Result<EnrollmentToken> {
-            let mut m = self.tokens.lock().unwrap();
-            let t = m
-                .values_mut()
-                .find(|t| t.secret_sha256 == sha)
-                .ok_or(StoreError::NotFound("token".into()))?;
-            if t.revoked || t.expires_at <= now || t.max_uses.is_some_and(|m| t.uses >= m) {
-                return Err(StoreError::TokenUnusable("x".into()));
-            }
-            t.uses += 1;
-            Ok(t.clone())
-        }
-        async fn revoke_enrollment_token(&self, id: TokenId) -> Result<()> {
-            if let Some(t) = self.tokens.lock().unwrap().get_mut(&id) {
-                t.revoked = true;
-            }
-            Ok(())
-        }
-        async fn create_api_token(&self, _: &ApiToken) -> Result<()> {
-            unimplemented!()
-        }
-        async fn find_api_token(&self, _: &str) -> Result<Option<ApiToken>> {
-            unimplemented!()
-        }
-        async fn list_api_tokens(&self, _: &Page) -> Result<Paged<ApiToken>> {
-            unimplemented!()
-        }
-        async fn revoke_api_token(&self, _: TokenId) -> Result<()> {
-            unimplemented!()
-        }
-        async fn append_audit(&self, e: &AuditEntry) -> Result<u64> {
-            let mut a = self.audit.lock().unwrap();
-            let mut e = e.clone();
-            e.seq = a.len() as u64 + 1;
-            a.push(e.clone());
-            Ok(e.seq)
-        }
-        async fn list_audit(&self, _: &Page) -> Result<Paged<AuditEntry>> {
-            let mut items = self.audit.lock().unwrap().clone();
-            items.reverse();
-            Ok(Paged { items, next: None })
-        }
-        async fn put_application(&self, _: &Application) -> Result<()> {
-            unimplemented!()
-        }
-        async fn get_application(&self, _: OrgId, _: &str, _: &str) -> Result<Option<Application>> {
-            unimplemented!()
-        }
-        async fn list_applications(&self, _: OrgId, _: &Page) -> Result<Paged<Application>> {
-            unimplemented!()
-        }
-        async fn put_setting(&self, _: &Setting) -> Result<()> {
-            unimplemented!()
-        }
-        async fn get_setting(&self, _: &SettingScope, _: &str) -> Result<Option<Setting>> {
-            unimplemented!()
-        }
-        async fn list_settings(&self, _: &SettingScope) -> Result<Vec<Setting>> {
-            unimplemented!()
-        }
-        async fn delete_setting(&self, _: &SettingScope, _: &str) -> Result<()> {
-            unimplemented!()
-        }
-        async fn create_job(&self, _: &Job) -> Result<()> {
-            unimplemented!()
-        }
-        async fn get_job(&self, _: JobId) -> Result<Option<Job>> {
-            unimplemented!()
-        }
-        async fn update_job_status(&self, _: JobId, _: JobStatus, _: u64) -> Result<Job> {
-            unimplemented!()
-        }
-        async fn put_job_result(&self, _: &JobResult) -> Result<()> {
-            unimplemented!()
-        }
-        async fn list_job_results(&self, _: JobId, _: &Page) -> Result<Paged<JobResult>> {
-            unimplemented!()
-        }
-    }
-}
 
 /// (user, password, vhost) of the test broker's AMQP url.
 fn url_parts(url: &str) -> (String, String, String) {
@@ -278,12 +53,20 @@ struct Node {
     enroll_password: String,
     stop: CancellationToken,
     cleanup: kit::Cleanup,
+    _dir: tempfile::TempDir,
 }
 
 impl Node {
     async fn start() -> Node {
         let names = kit::unique_names();
-        let store: Arc<dyn Store> = Arc::new(memstore::Mem::default());
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("comodit.redb");
+        let store: Arc<dyn Store> = Arc::new(
+            tokio::task::spawn_blocking(move || EmbeddedStore::open(&path))
+                .await
+                .unwrap()
+                .expect("embedded store opens"),
+        );
         let now = Utc::now();
         let (org, env) = (OrgId::random(), EnvId::random());
         store
@@ -351,6 +134,7 @@ impl Node {
             enroll_password,
             stop,
             cleanup,
+            _dir: dir,
         }
     }
 

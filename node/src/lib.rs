@@ -1,3 +1,4 @@
 //! # comodit-node (being built)
 
+pub mod config;
 pub mod enroll;
