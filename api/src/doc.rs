@@ -25,7 +25,10 @@ use crate::{Shared, PUBLIC_PATHS};
         description = "The REST API of a comodit node: organizations, environments, hosts, their \
             resources through the agents, change logs, tokens, audit and events. Errors are \
             application/problem+json (RFC 9457). Listings use cursor pagination (`cursor`, \
-            `limit`; the response's `next`)."
+            `limit`; the response's `next`). `{org}` and `{env}` in paths take an id or a name. \
+            Requests to a host's resources wait for the agent up to `wait_s`: 200 with the \
+            change and its `result` when the agent answered — also when the agent reports \
+            `failed` (see `result.status`) — or 202 with a `Location` to follow the change."
     ),
     paths(
         system::healthz, system::readyz, system::metrics, system::openapi_json,

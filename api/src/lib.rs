@@ -75,6 +75,9 @@ pub struct ApiLimits {
     pub max_page_size: u32,
     /// A change expires if not applied within this time (600 s).
     pub change_ttl_s: u64,
+    /// How much longer than its wait a submit to the host actors may take before the API gives
+    /// up on it with 504 "outcome unknown" (15 s).
+    pub submit_grace_s: u64,
     /// Most `Idempotency-Key` entries kept (10,000).
     pub idempotency_max_entries: usize,
     /// Most bytes of kept responses (64 MiB).
@@ -96,6 +99,7 @@ impl Default for ApiLimits {
             default_page_size: 100,
             max_page_size: comodit_store::Page::MAX_LIMIT,
             change_ttl_s: 600,
+            submit_grace_s: 15,
             idempotency_max_entries: 10_000,
             idempotency_max_bytes: 64 * 1024 * 1024,
             idempotency_ttl_s: 24 * 3600,

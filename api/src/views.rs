@@ -420,15 +420,22 @@ impl From<RoleView> for Role {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 #[serde(tag = "kind", rename_all = "snake_case", deny_unknown_fields)]
 pub enum ScopeView {
-    Global,
-    Org { org: Uuid },
-    Env { org: Uuid, env: Uuid },
+    /// A struct variant, not a unit one: serde ignores extra fields next to the tag of a unit
+    /// variant, and unknown fields must be refused.
+    Global {},
+    Org {
+        org: Uuid,
+    },
+    Env {
+        org: Uuid,
+        env: Uuid,
+    },
 }
 
 impl From<Scope> for ScopeView {
     fn from(s: Scope) -> Self {
         match s {
-            Scope::Global => ScopeView::Global,
+            Scope::Global => ScopeView::Global {},
             Scope::Org { org } => ScopeView::Org { org: org.0 },
             Scope::Env { org, env } => ScopeView::Env {
                 org: org.0,

@@ -93,7 +93,8 @@ impl Stream {
                     if !self.visible(host_of(&ev)).await {
                         continue;
                     }
-                    let json = serde_json::to_value(&ev).unwrap_or_default();
+                    let mut json = serde_json::to_value(&ev).unwrap_or_default();
+                    crate::views::redact(&mut json);
                     let kind = json
                         .get("type")
                         .and_then(|t| t.as_str())

@@ -86,7 +86,17 @@ pub(crate) async fn submit(
         ttl: Duration::from_secs(app.state.limits.change_ttl_s),
     };
     let op = body.op();
-    let submitted = app.state.ops.submit(host, body, opts).await?;
+    // The actors bound their own waits; this is the API's guard against one that never answers,
+    // so that no request hangs forever.
+    let bound = wait.unwrap_or_default() + Duration::from_secs(app.state.limits.submit_grace_s);
+    let submitted = match tokio::time::timeout(bound, app.state.ops.submit(host, body, opts)).await
+    {
+        Ok(r) => r?,
+        Err(_) => {
+            tracing::warn!(op, "host actor did not answer a submit in time");
+            return Err(comodit_actors::OpsError::Timeout.into());
+        }
+    };
     Ok(match submitted {
         Submitted::Completed(change) => {
             tracing::debug!(op, change = %change.id, "change completed");

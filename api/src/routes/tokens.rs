@@ -168,7 +168,7 @@ pub async fn create_api_token(
     let store = &app.state.store;
     let role: Role = body.role.into();
     let scope = match body.scope {
-        ScopeView::Global => Scope::Global,
+        ScopeView::Global {} => Scope::Global,
         ScopeView::Org { org } => {
             let org = OrgId(org);
             store.get_org(org).await?.ok_or_else(|| {
