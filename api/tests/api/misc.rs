@@ -435,3 +435,56 @@ async fn idempotency_keys_replay_the_first_response() {
         "{audit:#?}"
     );
 }
+
+/// The router serves over a real socket too (`axum::serve`), events included.
+#[tokio::test]
+async fn serves_over_a_real_listener() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    let app = TestApp::new().await;
+    let (_org, _env, host) = app.fleet().await;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let router = app.router.clone();
+    let server = tokio::spawn(async move { axum::serve(listener, router).await });
+
+    let mut conn = tokio::net::TcpStream::connect(addr).await.unwrap();
+    conn.write_all(b"GET /healthz HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n")
+        .await
+        .unwrap();
+    let mut reply = String::new();
+    tokio::time::timeout(Duration::from_secs(10), conn.read_to_string(&mut reply))
+        .await
+        .expect("no reply in time")
+        .unwrap();
+    assert!(reply.starts_with("HTTP/1.1 200"), "{reply}");
+
+    let mut events = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let req = format!(
+        "GET /api/v1/events HTTP/1.1\r\nHost: t\r\nAuthorization: Bearer {}\r\n\r\n",
+        app.admin
+    );
+    events.write_all(req.as_bytes()).await.unwrap();
+    let mut seen = String::new();
+    let mut buf = [0u8; 4096];
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    // Events sent before the handler subscribed are not delivered: keep sending until one is seen.
+    while !seen.contains("event: host_online") {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "no event in time: {seen}"
+        );
+        if seen.contains("text/event-stream") {
+            let _ = app.ops.events.send(NodeEvent::HostOnline { host: host.id });
+        }
+        let n = match tokio::time::timeout(Duration::from_millis(200), events.read(&mut buf)).await
+        {
+            Ok(r) => r.unwrap(),
+            Err(_) => continue,
+        };
+        assert!(n > 0, "connection closed: {seen}");
+        seen.push_str(&String::from_utf8_lossy(&buf[..n]));
+    }
+    assert!(seen.starts_with("HTTP/1.1 200"), "{seen}");
+    server.abort();
+}
