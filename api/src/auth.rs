@@ -118,6 +118,12 @@ pub(crate) enum Rule {
 /// The authorization rule of a route (by its template). Anything not named here is `Access`,
 /// which refuses non-admins when the route has no target: a new route fails closed.
 pub(crate) fn rule(method: &Method, route: &str) -> Rule {
+    // HEAD is a GET without the body, authorized the same way.
+    let method = if method == Method::HEAD {
+        &Method::GET
+    } else {
+        method
+    };
     match (method, route) {
         (_, r) if r == "/api/v1/tokens" || r.starts_with("/api/v1/tokens/") => Rule::Admin,
         (_, "/api/v1/audit") => Rule::Admin,
@@ -371,6 +377,24 @@ mod tests {
         let admin = caller(Role::Admin, Scope::Org { org: o2 });
         assert!(allowed(&admin, Rule::Access, true, env1));
         assert!(allowed(&admin, Rule::Admin, true, Target::None));
+    }
+
+    #[test]
+    fn route_rules() {
+        assert_eq!(rule(&Method::GET, "/api/v1/tokens"), Rule::Admin);
+        assert_eq!(rule(&Method::DELETE, "/api/v1/tokens/{id}"), Rule::Admin);
+        assert_eq!(rule(&Method::GET, "/api/v1/audit"), Rule::Admin);
+        assert_eq!(rule(&Method::POST, "/api/v1/orgs"), Rule::Admin);
+        assert_eq!(rule(&Method::GET, "/api/v1/orgs"), Rule::Listing);
+        assert_eq!(rule(&Method::HEAD, "/api/v1/hosts"), Rule::Listing);
+        assert_eq!(rule(&Method::POST, "/api/v1/hosts"), Rule::Access);
+        assert_eq!(
+            rule(
+                &Method::PUT,
+                "/api/v1/hosts/{id}/resources/{collection}/{*resource_id}"
+            ),
+            Rule::Access
+        );
     }
 
     #[test]
