@@ -122,7 +122,8 @@ enum Resources {
         under: Option<String>,
     },
     Get { host: String, collection: String, id: String },
-    /// Apply a spec: `--spec '{"content":"hi\n","mode":"0644"}'` or `--spec @file.json`.
+    /// Apply a spec: `--spec '{"content":"hi\n","mode":"0644"}'` or `--spec @file.json`. The
+    /// resource is also monitored (compliance) unless `--no-monitor`.
     Put {
         host: String,
         collection: String,
@@ -133,6 +134,9 @@ enum Resources {
         dry_run: bool,
         #[arg(long = "async")]
         asynchronous: bool,
+        /// Do not add the resource to the host's monitored baseline.
+        #[arg(long)]
+        no_monitor: bool,
     },
     Delete {
         host: String,
@@ -396,6 +400,7 @@ fn run(cli: Cli) -> anyhow::Result<Option<Value>> {
             spec,
             dry_run,
             asynchronous,
+            no_monitor,
         }) => api.call(
             "PUT",
             &format!(
@@ -406,7 +411,7 @@ fn run(cli: Cli) -> anyhow::Result<Option<Value>> {
                     ("async", asynchronous.then(|| "true".into())),
                 ])
             ),
-            Some(read_spec(&spec)?),
+            Some(json!({"spec": read_spec(&spec)?, "monitor": !no_monitor})),
         )?,
         Verb::Resources(Resources::Delete {
             host,
