@@ -44,11 +44,13 @@ use comodit_protocol::{
 };
 use comodit_store::{AuditEntry, EnrollmentToken, Host, HostRuntime, Store, StoreError};
 use rand::Rng;
-use sha2::{Digest, Sha256};
 use tokio::sync::{broadcast, watch};
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, info_span, warn, Instrument};
+
+/// `hex(sha256(secret))`: how the API stores enrollment tokens, and so how they are looked up.
+pub use comodit_api::hash_token;
 
 /// Largest enrollment request accepted, in bytes: facts and a token fit in a few kilobytes.
 pub const MAX_REQUEST_BYTES: usize = 64 * 1024;
@@ -611,11 +613,6 @@ fn is_direct_reply_to(reply_to: &str) -> bool {
     reply_to
         .strip_prefix(DIRECT_REPLY_TO)
         .is_some_and(|rest| rest.len() > 1 && rest.starts_with('.'))
-}
-
-/// `hex(sha256(secret))`: how tokens are stored (the API hashes the same way).
-pub fn hash_token(secret: &str) -> String {
-    hex::encode(Sha256::digest(secret.as_bytes()))
 }
 
 /// Parses a request strictly (unknown fields refused), within [`MAX_REQUEST_BYTES`]. The error
