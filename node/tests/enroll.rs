@@ -603,6 +603,11 @@ fn request_bytes(token: &str) -> Vec<u8> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn garbage_is_refused_retries_are_answered_once_and_the_service_keeps_going() {
+    // The only test of this binary that installs a recorder: it sees every test's counts, and
+    // only this one sends malformed requests or replays.
+    let metrics = metrics_exporter_prometheus::PrometheusBuilder::new()
+        .install_recorder()
+        .expect("metrics recorder");
     let mut rig = Rig::new().await;
     let (token_id, token) = rig.token(rig.env, None, chrono::Duration::hours(1)).await;
     let stop = CancellationToken::new();
@@ -712,6 +717,17 @@ async fn garbage_is_refused_retries_are_answered_once_and_the_service_keeps_goin
         blocking(move || kit::queue_counts(&victim_queue)).await,
         Some((0, 0))
     );
+    // Every malformed request was counted (four answered, two not), and the one replay.
+    let text = metrics.render();
+    let count = |outcome: &str| {
+        let key = format!("comodit_node_enroll_total{{outcome=\"{outcome}\"}} ");
+        text.lines()
+            .find_map(|l| l.strip_prefix(key.as_str()))
+            .map(|v| v.trim().parse::<u64>().expect("a count"))
+            .unwrap_or(0)
+    };
+    assert_eq!(count("malformed"), 6, "{text}");
+    assert_eq!(count("replayed"), 1, "{text}");
     stop.cancel();
     rig.finish().await;
 }
