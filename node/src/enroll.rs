@@ -16,7 +16,9 @@
 //! agent is told to retry. The replay cache makes the agent's retries safe: a request is
 //! identified by its `message_id` (the agent keeps it across retries), so a retry whose first
 //! reply was lost gets that same reply again instead of a second host. A request still being
-//! processed when its retry arrives is dropped (the agent retries once more later).
+//! processed when its retry arrives is dropped (the agent retries once more later). The cache
+//! lives in one node's memory: with several nodes consuming `<p>.enroll`, a retry that lands on
+//! another node enrolls a second host (the first one stays, without an agent, until revoked).
 //!
 //! [`HostLifecycle::revoke`] undoes an enrollment: the broker user goes (RabbitMQ closes its
 //! connections, and the old password no longer logs in), then the host's queue, then its
