@@ -1,9 +1,47 @@
 //! # comodit-actors
 //!
-//! The node's host actors (DESIGN §8). Placeholder: the public interface below is what the API and
-//! the node code against; the actor runtime behind it is being built.
+//! The node's host actors (DESIGN §4, §5, §8): one supervised actix actor per host of the shards
+//! this node owns, fed by one consumer per shard queue, dispatching the host's change log to its
+//! agent and recording what comes back.
+//!
+//! ## Main types
+//!
+//! - [`Orchestrator`]: starts the runtime ([`Orchestrator::start`]), follows shard
+//!   [`Ownership`](ownership::Ownership), and implements [`HostOps`] for the API: `submit`
+//!   records a change and kicks the host's actor through the broker, `cancel` goes through the
+//!   actor, `events` is the node's event stream.
+//! - [`ActorsConfig`]: timeouts, retries, heartbeat expectations, bounds.
+//! - [`validate`]: the checks every upward message passes (routing key, broker identity, body).
+//! - [`pending`]: a host's pending changes and their schedule (sans-IO).
+//!
+//! ## How data flows
+//!
+//! ```text
+//!  agent ─► <p>.up ─► <p>.shard.<n> ─► shard task: validate ─► host actor (mailbox, in order)
+//!                                      refused: counted, logged, acked      │
+//!                                                                           ▼
+//!  store ◄─ runtime (hello/heartbeat/drift/bye), change status + reply (fenced by epoch)
+//!  API submit ─► append_change ─► kick on <p>.up ─► host actor ─► command on <p>.down ─► agent
+//!  each delivery is acked once its effect is in the store; on a store error it is requeued
+//! ```
+//!
+//! Threads: actix runs on its own threads (one `System`, [`ActorsConfig::arbiters`] arbiters);
+//! the actors only keep order, and every store call, publish and ack runs on the caller's tokio
+//! runtime. See `ARCHITECTURE.md` for the decisions (kicks through the broker, one sweep per
+//! shard instead of a timer per host, when a command is re-sent).
 
+mod config;
+mod host;
+pub mod metrics;
 pub mod ownership;
+pub mod pending;
+mod runtime;
+mod shard;
+mod ticket;
+pub mod validate;
+
+pub use config::ActorsConfig;
+pub use runtime::Orchestrator;
 
 use std::time::Duration;
 
