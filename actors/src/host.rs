@@ -65,6 +65,13 @@ pub(crate) struct LocalKick;
 #[rtype(result = "Result<Change, OpsError>")]
 pub(crate) struct Cancel(pub ChangeId);
 
+/// The broker saw one of the host's connections open or close ([`crate::presence`]).
+#[derive(Message)]
+#[rtype(result = "()")]
+pub(crate) struct Presence {
+    pub up: bool,
+}
+
 /// Finish what the mailbox holds before this, then stop for good.
 #[derive(Message)]
 #[rtype(result = "()")]
@@ -155,9 +162,14 @@ impl HostActor {
                         r
                     }
                     Err(e) => {
-                        error!(host_id = %act.host, error = %e, "host task failed, restarting");
                         act.state =
                             Some(HostState::new(act.core.clone(), act.host, act.due.clone()));
+                        if e.is_cancelled() {
+                            // The runtime is shutting down: nothing to restart on.
+                            act.retired = true;
+                        } else {
+                            error!(host_id = %act.host, error = %e, "host task failed, restarting");
+                        }
                         ctx.stop();
                         R::lost()
                     }
@@ -259,6 +271,20 @@ impl Handler<Cancel> for HostActor {
     }
 }
 
+impl Handler<Presence> for HostActor {
+    type Result = AtomicResponse<Self, ()>;
+
+    fn handle(&mut self, msg: Presence, _: &mut Context<Self>) -> Self::Result {
+        if self.retired {
+            return AtomicResponse::new(Box::pin(actix::fut::ready(())));
+        }
+        self.run(|mut s| async move {
+            let flow = s.on_presence(msg.up).await;
+            (s, (), flow)
+        })
+    }
+}
+
 impl Handler<Shutdown> for HostActor {
     type Result = ();
 
@@ -310,6 +336,8 @@ pub(crate) struct HostState {
     heard_ms: i64,
     /// Last write of the runtime record (ms), to space out heartbeat writes.
     written_ms: i64,
+    /// Open broker connections of the host as far as this actor heard ([`crate::presence`]).
+    conns: i16,
     /// The store refused our epoch with this one: act only once ours is higher.
     fenced_at: Option<Epoch>,
     pending: PendingList,
@@ -327,6 +355,7 @@ impl HostState {
             online: false,
             heard_ms: 0,
             written_ms: 0,
+            conns: 0,
             fenced_at: None,
             pending: PendingList::default(),
         }
@@ -336,6 +365,7 @@ impl HostState {
     fn reset(&mut self) {
         self.loaded = false;
         self.online = false;
+        self.conns = 0;
         self.fenced_at = None;
         self.pending = PendingList::default();
     }
@@ -389,11 +419,13 @@ impl HostState {
 
     // --- entry points (one per actor message) ---------------------------------------------
 
-    /// Actor start (and supervisor restart): load, then dispatch what is queued.
+    /// Actor start (and supervisor restart): load, then dispatch what is queued. A failed load
+    /// is retried by the next message or sweep (never by an immediate restart, which would spin
+    /// on a failing store).
     async fn start(&mut self) -> Flow {
         let fetched = match self.load().await {
             Ok(f) => f,
-            Err(f) => return f.flow(),
+            Err(_) => return Flow::Continue,
         };
         match self.epoch() {
             Ok(epoch) => self.dispatch_due(epoch, &fetched).await,
@@ -447,6 +479,30 @@ impl HostState {
             }
         }
         self.dispatch_due(epoch, &fetched).await
+    }
+
+    async fn on_presence(&mut self, up: bool) -> Flow {
+        if let Err(f) = self.ensure_loaded().await {
+            return f.flow();
+        }
+        if up {
+            self.conns = self.conns.saturating_add(1);
+            return Flow::Continue;
+        }
+        self.conns = self.conns.saturating_sub(1);
+        if self.conns > 0 || !self.online {
+            return Flow::Continue;
+        }
+        let Ok(epoch) = self.epoch() else {
+            return Flow::Continue;
+        };
+        if let Err(f) = self.write_runtime(epoch, now_ms(), false, None, |_| {}).await {
+            return f.flow();
+        }
+        self.online = false;
+        info!("host offline: its broker connection closed");
+        self.core.emit(NodeEvent::HostOffline { host: self.host });
+        Flow::Continue
     }
 
     async fn on_kick(&mut self) -> Result<(), Fail> {
@@ -541,6 +597,7 @@ impl HostState {
                     .epoch(self.shard)
                     .is_some_and(|e| rt.epoch > e)
                 {
+                    metrics::counter!(m::STALE_EPOCH).increment(1);
                     warn!(stored = %rt.epoch, "the store holds a higher epoch: not acting for this host");
                     self.fenced_at = Some(rt.epoch);
                 }
@@ -572,6 +629,8 @@ impl HostState {
         };
         if !matches!(kind, UpKind::Bye | UpKind::Kick) {
             self.heard_ms = now;
+            // It came over a connection, even if we missed that connection's event.
+            self.conns = self.conns.max(1);
         }
         let came_online = online_after && !was_online;
         let mut fetched = Vec::new();

@@ -35,6 +35,7 @@ mod host;
 pub mod metrics;
 pub mod ownership;
 pub mod pending;
+mod presence;
 mod runtime;
 mod shard;
 mod ticket;

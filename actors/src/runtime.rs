@@ -30,7 +30,7 @@ use tokio::sync::{broadcast, oneshot, Semaphore};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
-use crate::host::{Cancel, HostActor, LocalKick, Shutdown};
+use crate::host::{Cancel, HostActor, LocalKick, Presence, Shutdown};
 use crate::metrics as m;
 use crate::ownership::Ownership;
 use crate::pending::Timing;
@@ -93,6 +93,19 @@ impl Core {
     pub fn actor_stopped(&self) {
         self.actors.fetch_sub(1, Ordering::Relaxed);
         metrics::gauge!(m::HOST_ACTORS).decrement(1.0);
+    }
+
+    pub fn stopping(&self) -> &CancellationToken {
+        &self.stopping
+    }
+
+    /// A connection event for a host whose actor runs here (others are ignored).
+    pub fn presence(&self, host: HostId, msg: Presence) {
+        if let Some(srt) = self.shard(host.shard(self.n_shards)) {
+            if !srt.try_send(host, msg) {
+                debug!(host_id = %host, "connection event not delivered (no actor or mailbox full)");
+            }
+        }
     }
 
     fn shard(&self, shard: Shard) -> Option<Arc<ShardRt>> {
@@ -197,6 +210,9 @@ impl Orchestrator {
             stopping: CancellationToken::new(),
         });
         core.reconcile();
+        if core.config.connection_events {
+            tokio::spawn(crate::presence::run(core.clone()));
+        }
         let orchestrator = Orchestrator {
             core: core.clone(),
             control: Arc::new(tokio::sync::Mutex::new(None)),

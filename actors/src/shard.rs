@@ -84,6 +84,18 @@ impl ShardRt {
         addr
     }
 
+    /// Sends to the host's actor if it runs and its mailbox has room (best effort).
+    pub fn try_send<M>(&self, host: HostId, msg: M) -> bool
+    where
+        M: actix::Message + Send + 'static,
+        M::Result: Send,
+        HostActor: actix::Handler<M>,
+    {
+        self.hosts()
+            .get(&host)
+            .is_some_and(|slot| slot.addr.try_send(msg).is_ok())
+    }
+
     /// Takes the host's actor out of the shard; once the returned sender is dropped too, a
     /// stopped actor is not restarted.
     pub fn remove(&self, host: HostId) -> Option<Addr<HostActor>> {
