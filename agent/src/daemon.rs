@@ -20,7 +20,7 @@ use tokio::sync::mpsc;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
-use crate::config::{url_with_credentials, AgentConfig};
+use crate::config::{url_with_credentials, with_frame_max, AgentConfig};
 use crate::exec::{capabilities, Executor};
 use crate::platform::Platform;
 use crate::providers::cmd::SystemRunner;
@@ -113,10 +113,13 @@ pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> Result<(),
     let hard_stop = CancellationToken::new();
     let bus = Bus::start(
         BusConfig {
-            url: url_with_credentials(
-                &config.broker_url,
-                &host.to_string(),
-                creds.password.expose(),
+            url: with_frame_max(
+                &url_with_credentials(
+                    &config.broker_url,
+                    &host.to_string(),
+                    creds.password.expose(),
+                ),
+                config.amqp_frame_max,
             ),
             heartbeat_s: config.amqp_heartbeat_s,
             connection_name: format!("comodit-agent {host}"),

@@ -75,8 +75,14 @@ fn real_main() -> anyhow::Result<ExitCode> {
     init_logging(&cfg);
     match cli.command.unwrap_or(Verb::Run) {
         Verb::Run => {
+            // The agent idles most of its life: one worker thread and few malloc arenas keep its
+            // resident memory small (README, Figures). Provider work runs on blocking threads.
+            unsafe {
+                libc::mallopt(libc::M_ARENA_MAX, 2);
+            }
             let rt = tokio::runtime::Builder::new_multi_thread()
-                .worker_threads(2)
+                .worker_threads(1)
+                .max_blocking_threads(8)
                 .enable_all()
                 .build()?;
             rt.block_on(async {

@@ -163,7 +163,10 @@ impl LocalStore {
     /// Opens (or creates) `agent.redb` in `dir`. `dedup_window` bounds the remembered command ids.
     pub fn open(dir: &Path, dedup_window: usize) -> Result<Self, StateError> {
         ensure_state_dir(dir)?;
-        let db = Database::create(dir.join("agent.redb"))?;
+        // A small cache: the agent's store is tiny and its memory budget is a few MiB.
+        let db = Database::builder()
+            .set_cache_size(1 << 20)
+            .create(dir.join("agent.redb"))?;
         let txn = db.begin_write()?;
         {
             let mut meta = txn.open_table(META)?;

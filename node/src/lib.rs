@@ -1,1 +1,3 @@
 //! # comodit-node (being built)
+
+pub mod config;
