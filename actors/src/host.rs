@@ -149,32 +149,27 @@ impl HostActor {
         };
         let span = info_span!("host", host_id = %self.host, shard = %state.shard);
         let task = self.core.rt.spawn(f(state).instrument(span));
-        Box::pin(
-            task
-                .into_actor(self)
-                .map(|done, act, ctx| match done {
-                    Ok((state, r, flow)) => {
-                        state.publish_due();
-                        act.state = Some(state);
-                        if flow == Flow::Restart {
-                            ctx.stop();
-                        }
-                        r
-                    }
-                    Err(e) => {
-                        act.state =
-                            Some(HostState::new(act.core.clone(), act.host, act.due.clone()));
-                        if e.is_cancelled() {
-                            // The runtime is shutting down: nothing to restart on.
-                            act.retired = true;
-                        } else {
-                            error!(host_id = %act.host, error = %e, "host task failed, restarting");
-                        }
-                        ctx.stop();
-                        R::lost()
-                    }
-                }),
-        )
+        Box::pin(task.into_actor(self).map(|done, act, ctx| match done {
+            Ok((state, r, flow)) => {
+                state.publish_due();
+                act.state = Some(state);
+                if flow == Flow::Restart {
+                    ctx.stop();
+                }
+                r
+            }
+            Err(e) => {
+                act.state = Some(HostState::new(act.core.clone(), act.host, act.due.clone()));
+                if e.is_cancelled() {
+                    // The runtime is shutting down: nothing to restart on.
+                    act.retired = true;
+                } else {
+                    error!(host_id = %act.host, error = %e, "host task failed, restarting");
+                }
+                ctx.stop();
+                R::lost()
+            }
+        }))
     }
 }
 
@@ -496,7 +491,10 @@ impl HostState {
         let Ok(epoch) = self.epoch() else {
             return Flow::Continue;
         };
-        if let Err(f) = self.write_runtime(epoch, now_ms(), false, None, |_| {}).await {
+        if let Err(f) = self
+            .write_runtime(epoch, now_ms(), false, None, |_| {})
+            .await
+        {
             return f.flow();
         }
         self.online = false;

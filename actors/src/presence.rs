@@ -131,7 +131,10 @@ mod tests {
         );
         assert_eq!(user_header(&Some(t)), Some(h));
         let mut t = FieldTable::default();
-        t.insert("user".into(), AMQPValue::LongString(LongString::from("guest")));
+        t.insert(
+            "user".into(),
+            AMQPValue::LongString(LongString::from("guest")),
+        );
         assert_eq!(user_header(&Some(t)), None);
         assert_eq!(user_header(&None), None);
     }

@@ -6,11 +6,11 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use chrono::Utc;
+use common::*;
 use comodit_actors::ownership::Ownership;
 use comodit_actors::{HostOps, NodeEvent, OpsError, SubmitOptions, Submitted};
 use comodit_protocol::*;
 use comodit_store::{Change, ChangeId, ChangeStatus, HostRuntime, StoreError};
-use common::*;
 
 fn opts(wait: Option<Duration>) -> SubmitOptions {
     SubmitOptions {
@@ -123,12 +123,7 @@ async fn unknown_hosts_and_other_owners_are_refused() {
         .await
         .unwrap_err();
     assert!(matches!(err, OpsError::NotOwner(h) if h == host), "{err}");
-    assert!(node
-        .store()
-        .pending_changes(host)
-        .await
-        .unwrap()
-        .is_empty());
+    assert!(node.store().pending_changes(host).await.unwrap().is_empty());
     node.finish().await;
 }
 
@@ -153,7 +148,12 @@ async fn offline_host_gets_its_command_once_when_it_comes_back() {
         comodit_testkit::queue_counts(&queue) == Some((1, 0))
     })
     .await;
-    let stored = node.store().get_change(host, change.id).await.unwrap().unwrap();
+    let stored = node
+        .store()
+        .get_change(host, change.id)
+        .await
+        .unwrap()
+        .unwrap();
     assert_eq!(stored.status, ChangeStatus::Dispatched);
 
     // The agent comes back: hello, then its queue.
@@ -189,7 +189,12 @@ async fn hello_marks_online_and_stores_facts_and_bye_marks_offline() {
     events
         .wait_for("host online", |e| *e == NodeEvent::HostOnline { host })
         .await;
-    let rt = node.store().get_runtime(host).await.unwrap().expect("runtime");
+    let rt = node
+        .store()
+        .get_runtime(host)
+        .await
+        .unwrap()
+        .expect("runtime");
     assert!(rt.online);
     assert_eq!(rt.epoch, Epoch(1));
     assert_eq!(rt.facts.as_ref().unwrap().hostname, "db-7");
@@ -234,7 +239,10 @@ async fn drift_is_recorded_and_cleared() {
         }))
         .await;
     events
-        .wait_for("drift", |e| matches!(e, NodeEvent::Drift { host: h, .. } if *h == host))
+        .wait_for(
+            "drift",
+            |e| matches!(e, NodeEvent::Drift { host: h, .. } if *h == host),
+        )
         .await;
     let rt = node.store().get_runtime(host).await.unwrap().unwrap();
     assert_eq!(rt.drift.len(), 1);
@@ -290,14 +298,31 @@ async fn silence_marks_a_host_offline() {
         silent >= Duration::from_millis(1_800),
         "offline too early: {silent:?}"
     );
-    assert!(!node.store().get_runtime(host).await.unwrap().unwrap().online);
+    assert!(
+        !node
+            .store()
+            .get_runtime(host)
+            .await
+            .unwrap()
+            .unwrap()
+            .online
+    );
 
     // A heartbeat brings it back.
     agent.heartbeat().await;
     events
-        .wait_for("host online again", |e| *e == NodeEvent::HostOnline { host })
+        .wait_for("host online again", |e| {
+            *e == NodeEvent::HostOnline { host }
+        })
         .await;
-    assert!(node.store().get_runtime(host).await.unwrap().unwrap().online);
+    assert!(
+        node.store()
+            .get_runtime(host)
+            .await
+            .unwrap()
+            .unwrap()
+            .online
+    );
     agent.disconnect().await;
     node.finish().await;
 }
@@ -387,7 +412,8 @@ async fn a_restarted_node_resumes_queued_and_dispatched_changes() {
     let mut node = Node::new(|c| c.command_timeout = Duration::from_secs(1)).await;
     let (host, pw) = node.add_host().await;
     // Dispatched by the first run, never answered (the agent is away).
-    let Submitted::Pending(sent) = node.orch().submit(host, ping(), opts(None)).await.unwrap() else {
+    let Submitted::Pending(sent) = node.orch().submit(host, ping(), opts(None)).await.unwrap()
+    else {
         panic!()
     };
     let queue = node.names.agent_queue(host);
@@ -472,8 +498,13 @@ async fn garbage_is_rejected_counted_and_acked_and_good_traffic_flows() {
     node.publish_to_shard_queue(shard, b"\x00\xff not json".to_vec())
         .await;
     // A key that is not up.<shard>.<host>.<kind> (still bound: up.<n>.#).
-    node.publish_up(&format!("up.{shard}.garbage.hello"), "hello", b"{}".to_vec(), None)
-        .await;
+    node.publish_up(
+        &format!("up.{shard}.garbage.hello"),
+        "hello",
+        b"{}".to_vec(),
+        None,
+    )
+    .await;
     // The admin user posing as the host.
     let hello = agent.hello_msg("x").encode();
     let key = UpKey::new(host, node.n_shards, UpKind::Hello).to_string();
@@ -581,7 +612,10 @@ async fn a_higher_epoch_in_the_store_stops_this_node_from_writing() {
         agent.next_command(Duration::from_secs(2)).await.is_none(),
         "a fenced node sends nothing"
     );
-    assert_eq!(node.store().get_runtime(host).await.unwrap().unwrap(), theirs);
+    assert_eq!(
+        node.store().get_runtime(host).await.unwrap().unwrap(),
+        theirs
+    );
     agent.disconnect().await;
     node.finish().await;
 }
@@ -596,29 +630,44 @@ async fn only_never_sent_changes_can_be_cancelled() {
     comodit_bus::topology::delete_agent_queue(&ch, &node.names, host)
         .await
         .unwrap();
-    let Submitted::Pending(change) = node.orch().submit(host, ping(), opts(None)).await.unwrap() else {
+    let Submitted::Pending(change) = node.orch().submit(host, ping(), opts(None)).await.unwrap()
+    else {
         panic!()
     };
     let cancelled = node.orch().cancel(host, change.id).await.expect("cancel");
     assert_eq!(cancelled.status, ChangeStatus::Cancelled);
     assert!(node.store().pending_changes(host).await.unwrap().is_empty());
     let again = node.orch().cancel(host, change.id).await.unwrap_err();
-    assert!(matches!(again, OpsError::Store(StoreError::Conflict(_))), "{again}");
-    let missing = node.orch().cancel(host, ChangeId::random()).await.unwrap_err();
-    assert!(matches!(missing, OpsError::Store(StoreError::NotFound(_))), "{missing}");
+    assert!(
+        matches!(again, OpsError::Store(StoreError::Conflict(_))),
+        "{again}"
+    );
+    let missing = node
+        .orch()
+        .cancel(host, ChangeId::random())
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(missing, OpsError::Store(StoreError::NotFound(_))),
+        "{missing}"
+    );
 
     // With its queue back, a new change goes out and cannot be cancelled any more.
     comodit_bus::topology::declare_agent_queue(&ch, &node.names, host)
         .await
         .unwrap();
     let mut agent = node.agent(host, &pw).await;
-    let Submitted::Pending(sent) = node.orch().submit(host, ping(), opts(None)).await.unwrap() else {
+    let Submitted::Pending(sent) = node.orch().submit(host, ping(), opts(None)).await.unwrap()
+    else {
         panic!()
     };
     let cmd = agent.command().await;
     assert_eq!(cmd.id, sent.command_id);
     let err = node.orch().cancel(host, sent.id).await.unwrap_err();
-    assert!(matches!(err, OpsError::Store(StoreError::Conflict(_))), "{err}");
+    assert!(
+        matches!(err, OpsError::Store(StoreError::Conflict(_))),
+        "{err}"
+    );
     agent.disconnect().await;
     node.finish().await;
 }

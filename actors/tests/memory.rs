@@ -18,9 +18,9 @@ use std::sync::atomic::{AtomicIsize, Ordering};
 use std::time::{Duration, Instant};
 
 use chrono::Utc;
+use common::*;
 use comodit_protocol::{Epoch, HostId};
 use comodit_store::{Host, HostRuntime};
-use common::*;
 
 /// Counts the bytes in use on the heap.
 struct Counting;
@@ -37,7 +37,10 @@ unsafe impl GlobalAlloc for Counting {
         unsafe { System.dealloc(ptr, layout) }
     }
     unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
-        IN_USE.fetch_add(new_size as isize - layout.size() as isize, Ordering::Relaxed);
+        IN_USE.fetch_add(
+            new_size as isize - layout.size() as isize,
+            Ordering::Relaxed,
+        );
         unsafe { System.realloc(ptr, layout, new_size) }
     }
 }
@@ -113,7 +116,10 @@ async fn memory_per_idle_host_actor() {
         t.await.unwrap();
     }
     drop(store);
-    println!("filled the store with {n} online hosts in {:?}", t.elapsed());
+    println!(
+        "filled the store with {n} online hosts in {:?}",
+        t.elapsed()
+    );
 
     let (rss0, heap0) = (rss_kib(), heap());
     let t = Instant::now();
@@ -144,7 +150,9 @@ async fn memory_per_idle_host_actor() {
     let heap2 = heap();
     let per_actor_heap = (heap1 - heap2) as f64 / n as f64;
     let per_actor_rss = (rss1 - rss0) as f64 * 1024.0 / n as f64;
-    println!("heap held by the running actors (freed at stop): {per_actor_heap:.0} B per host actor");
+    println!(
+        "heap held by the running actors (freed at stop): {per_actor_heap:.0} B per host actor"
+    );
     println!(
         "RSS growth from start to all loaded: {:.1} MiB, {per_actor_rss:.0} B per host actor \
          (includes the store's cache and allocator slack)",

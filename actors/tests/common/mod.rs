@@ -149,7 +149,10 @@ impl Node {
         let path = self.store_path();
         // The orchestrator's tasks release their handles on the store when they end.
         let store = self.store.take().unwrap();
-        wait_until("the old store to be released", || Arc::strong_count(&store) == 1).await;
+        wait_until("the old store to be released", || {
+            Arc::strong_count(&store) == 1
+        })
+        .await;
         drop(store);
         self.store = Some(open_store(&path));
         self.start().await;
@@ -246,7 +249,11 @@ impl Node {
 pub struct Events(broadcast::Receiver<NodeEvent>);
 
 impl Events {
-    pub async fn wait_for(&mut self, what: &str, mut pick: impl FnMut(&NodeEvent) -> bool) -> NodeEvent {
+    pub async fn wait_for(
+        &mut self,
+        what: &str,
+        mut pick: impl FnMut(&NodeEvent) -> bool,
+    ) -> NodeEvent {
         let deadline = tokio::time::Instant::now() + WAIT;
         loop {
             match tokio::time::timeout_at(deadline, self.0.recv()).await {
@@ -312,14 +319,18 @@ impl Agent {
 
     /// The next command, acked; `None` if none came within `within`.
     pub async fn next_command(&mut self, within: Duration) -> Option<Command> {
-        let d = tokio::time::timeout(within, self.commands.next()).await.ok()??;
+        let d = tokio::time::timeout(within, self.commands.next())
+            .await
+            .ok()??;
         let cmd = Command::decode(&d.payload).expect("the node sends valid commands");
         d.ack().await.expect("ack");
         Some(cmd)
     }
 
     pub async fn command(&mut self) -> Command {
-        self.next_command(WAIT).await.expect("a command within the deadline")
+        self.next_command(WAIT)
+            .await
+            .expect("a command within the deadline")
     }
 
     pub async fn send(&self, up: Up) {
@@ -461,9 +472,27 @@ fn key_name(key: &metrics::Key) -> String {
 }
 
 impl metrics::Recorder for TestRecorder {
-    fn describe_counter(&self, _: metrics::KeyName, _: Option<metrics::Unit>, _: metrics::SharedString) {}
-    fn describe_gauge(&self, _: metrics::KeyName, _: Option<metrics::Unit>, _: metrics::SharedString) {}
-    fn describe_histogram(&self, _: metrics::KeyName, _: Option<metrics::Unit>, _: metrics::SharedString) {}
+    fn describe_counter(
+        &self,
+        _: metrics::KeyName,
+        _: Option<metrics::Unit>,
+        _: metrics::SharedString,
+    ) {
+    }
+    fn describe_gauge(
+        &self,
+        _: metrics::KeyName,
+        _: Option<metrics::Unit>,
+        _: metrics::SharedString,
+    ) {
+    }
+    fn describe_histogram(
+        &self,
+        _: metrics::KeyName,
+        _: Option<metrics::Unit>,
+        _: metrics::SharedString,
+    ) {
+    }
 
     fn register_counter(&self, key: &metrics::Key, _: &metrics::Metadata<'_>) -> metrics::Counter {
         let c = self
@@ -480,7 +509,11 @@ impl metrics::Recorder for TestRecorder {
         metrics::Gauge::noop()
     }
 
-    fn register_histogram(&self, _: &metrics::Key, _: &metrics::Metadata<'_>) -> metrics::Histogram {
+    fn register_histogram(
+        &self,
+        _: &metrics::Key,
+        _: &metrics::Metadata<'_>,
+    ) -> metrics::Histogram {
         metrics::Histogram::noop()
     }
 }
