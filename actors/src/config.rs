@@ -39,9 +39,10 @@ pub struct ActorsConfig {
     /// How long API calls wait for a host actor's answer ([`crate::OpsError::Timeout`]) and
     /// `stop` waits for each actor to finish. Default 10 s.
     pub actor_call_timeout: Duration,
-    /// Host actors loading their state from the store at once (a node start or a shard gain
-    /// starts thousands). Default 64.
-    pub max_concurrent_loads: usize,
+    /// Host actors doing work (store calls, publishes) at once, all hosts together. The others
+    /// wait with a small future: a node start or a shard gain starts thousands of actors at
+    /// once, and each one's work needs a few KiB while it runs. Default 256.
+    pub max_concurrent_tasks: usize,
     /// Bind a queue to RabbitMQ's `amq.rabbitmq.event` exchange (`connection.closed`) to mark a
     /// host offline as soon as its connection drops. Needs the `rabbitmq_event_exchange` plugin
     /// and configure/write/read rights for the node on `<prefix>.node-events.*`. Default true.
@@ -64,7 +65,7 @@ impl Default for ActorsConfig {
             publish_retry: Duration::from_secs(2),
             arbiters: 2,
             actor_call_timeout: Duration::from_secs(10),
-            max_concurrent_loads: 64,
+            max_concurrent_tasks: 256,
             connection_events: true,
         }
     }

@@ -129,7 +129,7 @@ impl HostActor {
     fn run<R, F, Fut>(&mut self, f: F) -> AtomicResponse<Self, R>
     where
         R: Lost + Send + 'static,
-        F: FnOnce(HostState) -> Fut,
+        F: FnOnce(HostState) -> Fut + Send + 'static,
         Fut: Future<Output = (HostState, R, Flow)> + Send + 'static,
     {
         AtomicResponse::new(self.task(f))
@@ -139,7 +139,7 @@ impl HostActor {
     fn task<R, F, Fut>(&mut self, f: F) -> ResponseActFuture<Self, R>
     where
         R: Lost + Send + 'static,
-        F: FnOnce(HostState) -> Fut,
+        F: FnOnce(HostState) -> Fut + Send + 'static,
         Fut: Future<Output = (HostState, R, Flow)> + Send + 'static,
     {
         let Some(state) = self.state.take() else {
@@ -148,7 +148,16 @@ impl HostActor {
             return Box::pin(actix::fut::ready(R::lost()));
         };
         let span = info_span!("host", host_id = %self.host, shard = %state.shard);
-        let task = self.core.rt.spawn(f(state).instrument(span));
+        let core = self.core.clone();
+        let task = self.core.rt.spawn(
+            async move {
+                // Wait for a slot holding only this small future; the work's own future (a few
+                // KiB) exists only while it runs.
+                let _slot = core.work.acquire().await;
+                Box::pin(f(state)).await
+            }
+            .instrument(span),
+        );
         Box::pin(task.into_actor(self).map(|done, act, ctx| match done {
             Ok((state, r, flow)) => {
                 state.publish_due();
@@ -188,7 +197,7 @@ impl Actor for HostActor {
             return;
         }
         // Load before the first message (`wait` holds the mailbox); dispatch what is queued.
-        let load = self.task(|mut s| async move {
+        let load = self.task(move |mut s| async move {
             let flow = s.start().await;
             (s, (), flow)
         });
@@ -217,7 +226,7 @@ impl Handler<Inbound> for HostActor {
             drop(msg);
             return AtomicResponse::new(Box::pin(actix::fut::ready(())));
         }
-        self.run(|mut s| async move {
+        self.run(move |mut s| async move {
             let flow = s.on_inbound(msg).await;
             (s, (), flow)
         })
@@ -231,7 +240,7 @@ impl Handler<Tick> for HostActor {
         if self.retired {
             return AtomicResponse::new(Box::pin(actix::fut::ready(())));
         }
-        self.run(|mut s| async move {
+        self.run(move |mut s| async move {
             let flow = s.on_tick().await;
             (s, (), flow)
         })
@@ -245,7 +254,7 @@ impl Handler<LocalKick> for HostActor {
         if self.retired {
             return AtomicResponse::new(Box::pin(actix::fut::ready(())));
         }
-        self.run(|mut s| async move {
+        self.run(move |mut s| async move {
             let flow = s.on_kick().await.err().map_or(Flow::Continue, |f| f.flow());
             (s, (), flow)
         })
@@ -259,7 +268,7 @@ impl Handler<Cancel> for HostActor {
         if self.retired {
             return AtomicResponse::new(Box::pin(actix::fut::ready(Err(OpsError::ShuttingDown))));
         }
-        self.run(|mut s| async move {
+        self.run(move |mut s| async move {
             let (r, flow) = s.on_cancel(msg.0).await;
             (s, r, flow)
         })
@@ -273,7 +282,7 @@ impl Handler<Presence> for HostActor {
         if self.retired {
             return AtomicResponse::new(Box::pin(actix::fut::ready(())));
         }
-        self.run(|mut s| async move {
+        self.run(move |mut s| async move {
             let flow = s.on_presence(msg.up).await;
             (s, (), flow)
         })
@@ -570,12 +579,6 @@ impl HostState {
 
     async fn load(&mut self) -> Result<Vec<Change>, Fail> {
         let core = self.core.clone();
-        // Closed only at shutdown.
-        let _permit = core
-            .loads
-            .acquire()
-            .await
-            .map_err(|_| Fail::Store(StoreError::Backend("shutting down".into())))?;
         let runtime = self.check(core.store.get_runtime(self.host).await)?;
         let stored = self.check(core.store.pending_changes(self.host).await)?;
         let now = now_ms();

@@ -52,7 +52,8 @@ pub(crate) struct Core {
     pub timing: Timing,
     /// The caller's runtime, where all IO runs.
     pub rt: Handle,
-    pub loads: Semaphore,
+    /// Bounds the host actors' work in flight ([`ActorsConfig::max_concurrent_tasks`]).
+    pub work: Semaphore,
     events: broadcast::Sender<NodeEvent>,
     /// `submit` calls waiting for a change to become final.
     waiters: Mutex<HashMap<ChangeId, oneshot::Sender<Change>>>,
@@ -191,7 +192,7 @@ impl Orchestrator {
             publish_retry_ms: millis(config.publish_retry),
         };
         let core = Arc::new(Core {
-            loads: Semaphore::new(config.max_concurrent_loads.max(1)),
+            work: Semaphore::new(config.max_concurrent_tasks.max(1)),
             config,
             store,
             down_exchange: names.down_exchange(),
@@ -254,7 +255,6 @@ impl Orchestrator {
         for t in tasks {
             let _ = t.await;
         }
-        self.core.loads.close();
         c.system.stop();
         let _ = tokio::task::spawn_blocking(move || c.thread.join()).await;
         info!("actor runtime stopped");
