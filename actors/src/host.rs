@@ -494,6 +494,7 @@ impl HostState {
             return Flow::Continue;
         }
         self.conns = self.conns.saturating_sub(1);
+        debug!(connections = self.conns, "a connection of the host closed");
         if self.conns > 0 || !self.online {
             return Flow::Continue;
         }

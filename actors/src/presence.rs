@@ -13,6 +13,8 @@
 //! The node's user needs configure, write and read on `<prefix>.node-events.*` and read on
 //! `amq.rabbitmq.event`. The queue expires a minute after its node is gone (`x-expires`).
 
+use std::collections::HashMap;
+use std::hash::{DefaultHasher, Hash, Hasher};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -29,6 +31,36 @@ use crate::runtime::Core;
 
 const EVENT_EXCHANGE: &str = "amq.rabbitmq.event";
 const QUEUE_EXPIRES_MS: i32 = 60_000;
+/// Connections followed at once (about 32 bytes each).
+const MAX_TRACKED: usize = 1 << 20;
+
+/// Which host each open connection belongs to, by a hash of the connection's name.
+#[derive(Default)]
+struct Connections(HashMap<u64, HostId>);
+
+impl Connections {
+    fn created(&mut self, name: &str, host: HostId) {
+        if self.0.len() < MAX_TRACKED {
+            self.0.insert(key(name), host);
+        } else {
+            debug!(%host, "too many connections followed; this one is left to the sweep");
+        }
+    }
+
+    fn closed(&mut self, name: &str) -> Option<HostId> {
+        let host = self.0.remove(&key(name));
+        if self.0.is_empty() {
+            self.0 = HashMap::new();
+        }
+        host
+    }
+}
+
+fn key(name: &str) -> u64 {
+    let mut h = DefaultHasher::new();
+    name.hash(&mut h);
+    h.finish()
+}
 
 pub(crate) async fn run(core: Arc<Core>) {
     let queue = format!(
@@ -38,11 +70,12 @@ pub(crate) async fn run(core: Arc<Core>) {
     );
     let mut generation = core.bus.generation();
     let mut delay = Duration::from_millis(200);
+    let mut conns = Connections::default();
     loop {
         if core.stopping().is_cancelled() {
             return;
         }
-        match follow(&core, &queue).await {
+        match follow(&core, &queue, &mut conns).await {
             Ok(()) => delay = Duration::from_millis(200),
             Err(e) => {
                 warn!(error = %e, "cannot follow the broker's connection events, retrying");
@@ -59,7 +92,11 @@ pub(crate) async fn run(core: Arc<Core>) {
 }
 
 /// Subscribes on the current connection and routes events until the subscription ends.
-async fn follow(core: &Arc<Core>, queue: &str) -> Result<(), comodit_bus::BusError> {
+async fn follow(
+    core: &Arc<Core>,
+    queue: &str,
+    conns: &mut Connections,
+) -> Result<(), comodit_bus::BusError> {
     let ch = core.bus.channel().await?;
     let mut args = FieldTable::default();
     args.insert("x-expires".into(), AMQPValue::LongInt(QUEUE_EXPIRES_MS));
@@ -93,27 +130,36 @@ async fn follow(core: &Arc<Core>, queue: &str) -> Result<(), comodit_bus::BusErr
             debug!("connection events subscription ended");
             return Ok(());
         };
-        let up = match d.routing_key.as_str() {
-            "connection.created" => true,
-            "connection.closed" => false,
-            _ => continue,
-        };
-        let Some(host) = user_header(d.properties.headers()) else {
+        let headers = d.properties.headers();
+        let Some(name) = text_header(headers, "name") else {
             continue;
         };
-        core.presence(host, Presence { up });
+        match d.routing_key.as_str() {
+            "connection.created" => {
+                // Other users (nodes, admins) are not hosts.
+                if let Some(host) = text_header(headers, "user").and_then(|u| u.parse().ok()) {
+                    conns.created(&name, host);
+                    debug!(host_id = %host, "host connection opened");
+                    core.presence(host, Presence { up: true });
+                }
+            }
+            "connection.closed" => {
+                if let Some(host) = conns.closed(&name) {
+                    debug!(host_id = %host, "host connection closed");
+                    core.presence(host, Presence { up: false });
+                }
+            }
+            _ => {}
+        }
     }
 }
 
-/// The host named by the event's `user` header (other users — nodes, admins — are ignored).
-fn user_header(headers: &Option<FieldTable>) -> Option<HostId> {
-    let value = headers.as_ref()?.inner().get("user")?;
-    let text = match value {
-        AMQPValue::LongString(s) => s.to_string(),
-        AMQPValue::ShortString(s) => s.to_string(),
-        _ => return None,
-    };
-    text.parse().ok()
+fn text_header(headers: &Option<FieldTable>, name: &str) -> Option<String> {
+    match headers.as_ref()?.inner().get(name)? {
+        AMQPValue::LongString(s) => Some(s.to_string()),
+        AMQPValue::ShortString(s) => Some(s.to_string()),
+        _ => None,
+    }
 }
 
 #[cfg(test)]
@@ -122,20 +168,23 @@ mod tests {
     use comodit_bus::lapin::types::LongString;
 
     #[test]
-    fn only_host_users_count() {
+    fn headers_and_connections() {
         let h = HostId::random();
         let mut t = FieldTable::default();
         t.insert(
             "user".into(),
             AMQPValue::LongString(LongString::from(h.to_string())),
         );
-        assert_eq!(user_header(&Some(t)), Some(h));
-        let mut t = FieldTable::default();
-        t.insert(
-            "user".into(),
-            AMQPValue::LongString(LongString::from("guest")),
-        );
-        assert_eq!(user_header(&Some(t)), None);
-        assert_eq!(user_header(&None), None);
+        t.insert("n".into(), AMQPValue::LongLongInt(3));
+        let t = Some(t);
+        assert_eq!(text_header(&t, "user"), Some(h.to_string()));
+        assert_eq!(text_header(&t, "n"), None);
+        assert_eq!(text_header(&None, "user"), None);
+
+        let mut c = Connections::default();
+        c.created("a -> b", h);
+        assert_eq!(c.closed("x -> y"), None);
+        assert_eq!(c.closed("a -> b"), Some(h));
+        assert_eq!(c.closed("a -> b"), None);
     }
 }

@@ -700,3 +700,159 @@ async fn forget_stops_the_actor_and_stop_stops_them_all() {
     agent_b.disconnect().await;
     node.finish().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_mailbox_keeps_the_hosts_messages_in_order() {
+    init_logs();
+    // A mailbox of one: the shard consumer waits for the host at almost every message.
+    let mut node = Node::new(|c| c.mailbox = 1).await;
+    let (host, pw) = node.add_host().await;
+    let mut events = node.events();
+    let agent = node.agent(host, &pw).await;
+    let x = ResourceRef::new(Collection::Files, "/x").unwrap();
+    let y = ResourceRef::new(Collection::Files, "/y").unwrap();
+    let drift = |r: &ResourceRef| {
+        Up::Drift(Drift {
+            v: V1,
+            host,
+            report: DriftReport {
+                r#ref: r.clone(),
+                diff: Vec::new(),
+                since: Utc::now(),
+                repaired: false,
+                repair_error: None,
+            },
+        })
+    };
+    let cleared = |r: &ResourceRef| {
+        Up::DriftCleared(DriftCleared {
+            v: V1,
+            host,
+            r#ref: r.clone(),
+            at: Utc::now(),
+        })
+    };
+    for _ in 0..15 {
+        agent.send(drift(&x)).await;
+        agent.send(cleared(&x)).await;
+    }
+    agent.send(drift(&y)).await;
+    events
+        .wait_for(
+            "the last drift",
+            |e| matches!(e, NodeEvent::Drift { report, .. } if report.r#ref == y),
+        )
+        .await;
+    // In order, every /x drift was cleared before /y came.
+    let rt = node.store().get_runtime(host).await.unwrap().unwrap();
+    let refs: Vec<_> = rt.drift.iter().map(|d| d.r#ref.clone()).collect();
+    assert_eq!(refs, vec![y]);
+    agent.disconnect().await;
+    node.finish().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn streamed_output_is_an_event_of_its_change() {
+    init_logs();
+    let mut node = Node::new(|_| {}).await;
+    let (host, pw) = node.add_host().await;
+    let mut events = node.events();
+    let mut agent = node.agent(host, &pw).await;
+    let Submitted::Pending(change) = node.orch().submit(host, ping(), opts(None)).await.unwrap()
+    else {
+        panic!()
+    };
+    let cmd = agent.command().await;
+    agent
+        .send(Up::Output(Output {
+            v: V1,
+            host,
+            re: cmd.id,
+            seq: 0,
+            stream: Stream::Stdout,
+            data: "hello\n".into(),
+        }))
+        .await;
+    let e = events
+        .wait_for("output", |e| matches!(e, NodeEvent::Output { .. }))
+        .await;
+    assert_eq!(
+        e,
+        NodeEvent::Output {
+            host,
+            change: change.id,
+            seq: 0,
+            stream: Stream::Stdout,
+            data: "hello\n".into()
+        }
+    );
+    agent.disconnect().await;
+    node.finish().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_closed_connection_marks_the_host_offline_at_once() {
+    init_logs();
+    // No routed heartbeats: only the broker's connection event can tell.
+    let mut node = Node::new(|c| c.connection_events = true).await;
+    let (host, pw) = node.add_host().await;
+    let mut events = node.events();
+    let agent = node.agent(host, &pw).await;
+    agent.hello().await;
+    events
+        .wait_for("host online", |e| *e == NodeEvent::HostOnline { host })
+        .await;
+    // A second connection of the same host (a reconnect seen before the old one's close):
+    // closing one of the two leaves the host online.
+    let second = node.agent(host, &pw).await;
+    wait_until("both connections open", || {
+        comodit_testkit::user_connection_count(&host.to_string()) == 2
+    })
+    .await;
+    agent.disconnect().await;
+    wait_until("one connection left", || {
+        comodit_testkit::user_connection_count(&host.to_string()) == 1
+    })
+    .await;
+    events
+        .expect_none(Duration::from_millis(1500), |e| {
+            *e == NodeEvent::HostOffline { host }
+        })
+        .await;
+    comodit_testkit::close_user_connections(&host.to_string(), "test");
+    events
+        .wait_for("host offline", |e| *e == NodeEvent::HostOffline { host })
+        .await;
+    assert!(
+        !node
+            .store()
+            .get_runtime(host)
+            .await
+            .unwrap()
+            .unwrap()
+            .online
+    );
+    second.disconnect().await;
+    node.finish().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_shutdown_token_stops_the_runtime() {
+    init_logs();
+    let mut node = Node::new(|_| {}).await;
+    let (host, pw) = node.add_host().await;
+    let mut events = node.events();
+    let agent = node.agent(host, &pw).await;
+    agent.hello().await;
+    events
+        .wait_for("host online", |e| *e == NodeEvent::HostOnline { host })
+        .await;
+    let orch = node.orch().clone();
+    assert_eq!(orch.host_actor_count(), 1);
+    node.stop.cancel();
+    wait_until("the actors stopped", || orch.host_actor_count() == 0).await;
+    let err = orch.submit(host, ping(), opts(None)).await.unwrap_err();
+    assert!(matches!(err, OpsError::ShuttingDown), "{err}");
+    agent.disconnect().await;
+    node.finish().await;
+}

@@ -267,6 +267,25 @@ impl Events {
     }
 }
 
+impl Events {
+    /// Fails if an event matching `pick` comes within `within` (a bounded check of absence).
+    pub async fn expect_none(
+        &mut self,
+        within: Duration,
+        mut pick: impl FnMut(&NodeEvent) -> bool,
+    ) {
+        let deadline = tokio::time::Instant::now() + within;
+        loop {
+            match tokio::time::timeout_at(deadline, self.0.recv()).await {
+                Err(_) => return,
+                Ok(Ok(e)) if pick(&e) => panic!("unexpected event {e:?}"),
+                Ok(Ok(_)) => {}
+                Ok(Err(e)) => panic!("event stream: {e}"),
+            }
+        }
+    }
+}
+
 /// `events()` through the trait, named for the tests.
 pub trait EventsExt {
     fn events_receiver(&self) -> broadcast::Receiver<NodeEvent>;
