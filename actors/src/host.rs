@@ -147,7 +147,12 @@ impl HostActor {
             error!(host_id = %self.host, "host actor state missing");
             return Box::pin(actix::fut::ready(R::lost()));
         };
-        let span = info_span!("host", host_id = %self.host, shard = %state.shard);
+        let span = info_span!(
+            "host",
+            host_id = %self.host,
+            shard = %state.shard,
+            epoch = tracing::field::Empty
+        );
         let core = self.core.clone();
         let task = self.core.rt.spawn(
             async move {
@@ -394,6 +399,7 @@ impl HostState {
 
     fn epoch(&self) -> Result<Epoch, Fail> {
         let epoch = self.core.ownership.epoch(self.shard).ok_or(Fail::NoLease)?;
+        tracing::Span::current().record("epoch", epoch.0);
         match self.fenced_at {
             Some(stored) if epoch <= stored => Err(Fail::Fenced),
             _ => Ok(epoch),

@@ -122,13 +122,15 @@ pub(crate) async fn run(core: Arc<Core>, srt: Arc<ShardRt>) {
     let mut log = LogLimit::default();
     loop {
         tokio::select! {
+            // The sweep before the deliveries: it is ready once per interval, so it cannot
+            // starve them, while a steady flow of deliveries would starve it.
             biased;
             _ = srt.stop.cancelled() => break,
+            _ = sweep.tick() => sweep_once(&core, &srt),
             d = consumer.next() => match d {
                 Some(d) => route(&core, &srt, d, &mut log).await,
                 None => break,
             },
-            _ = sweep.tick() => sweep_once(&core, &srt),
         }
     }
     resume.abort();
