@@ -54,13 +54,18 @@ pub struct Node {
     pub config: ActorsConfig,
     pub org: OrgId,
     pub env: EnvId,
-    /// Broker users to delete at the end.
-    users: Vec<String>,
+    /// Deletes the prefix's queues and exchanges and the hosts' broker users when the test ends,
+    /// also when it fails.
+    cleanup: comodit_testkit::Cleanup,
 }
 
 impl Node {
     pub async fn new(tune: impl FnOnce(&mut ActorsConfig)) -> Node {
         let names = comodit_testkit::unique_names();
+        let cleanup = comodit_testkit::Cleanup {
+            prefix: names.prefix().to_owned(),
+            users: Vec::new(),
+        };
         let n_shards = 4;
         let admin_stop = CancellationToken::new();
         let admin = Bus::start(
@@ -107,7 +112,7 @@ impl Node {
             config,
             org: org.id,
             env: env.id,
-            users: Vec::new(),
+            cleanup,
         };
         node.start().await;
         node
@@ -193,7 +198,7 @@ impl Node {
             .await
             .expect("agent queue");
         let password = comodit_testkit::create_agent_user(&self.names, host);
-        self.users.push(host.to_string());
+        self.cleanup.users.push(host.to_string());
         (host, password)
     }
 
@@ -201,7 +206,7 @@ impl Node {
     pub fn stranger(&mut self) -> (HostId, String) {
         let host = HostId::random();
         let password = comodit_testkit::create_agent_user(&self.names, host);
-        self.users.push(host.to_string());
+        self.cleanup.users.push(host.to_string());
         (host, password)
     }
 
@@ -237,11 +242,8 @@ impl Node {
 
     pub async fn finish(mut self) {
         self.stop_orchestrator().await;
-        for u in &self.users {
-            comodit_testkit::delete_user(u);
-        }
-        comodit_testkit::cleanup_prefix(self.names.prefix());
         self.admin_stop.cancel();
+        // `cleanup` runs on drop.
     }
 }
 
