@@ -856,3 +856,101 @@ async fn the_shutdown_token_stops_the_runtime() {
     agent.disconnect().await;
     node.finish().await;
 }
+
+/// Ownership a test can move: owns every shard at `epoch`, or none.
+struct Switch {
+    owned: std::sync::Mutex<Option<Epoch>>,
+    changes: tokio::sync::watch::Sender<u64>,
+}
+
+impl Switch {
+    fn set(&self, epoch: Option<Epoch>) {
+        *self.owned.lock().unwrap() = epoch;
+        self.changes.send_modify(|n| *n += 1);
+    }
+}
+
+impl Ownership for Switch {
+    fn n_shards(&self) -> u32 {
+        4
+    }
+    fn owned(&self) -> Vec<(Shard, Epoch)> {
+        match *self.owned.lock().unwrap() {
+            Some(e) => (0..4).map(|s| (Shard(s), e)).collect(),
+            None => Vec::new(),
+        }
+    }
+    fn epoch(&self, shard: Shard) -> Option<Epoch> {
+        self.owned.lock().unwrap().filter(|_| shard.0 < 4)
+    }
+    fn changes(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.changes.subscribe()
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shards_are_taken_and_handed_over_as_ownership_changes() {
+    init_logs();
+    let mut node = Node::new(|_| {}).await;
+    let (host, pw) = node.add_host().await;
+    node.stop_orchestrator().await;
+    let switch = Arc::new(Switch {
+        owned: std::sync::Mutex::new(None),
+        changes: tokio::sync::watch::channel(0).0,
+    });
+    node.start_with(switch.clone()).await;
+    let mut events = node.events();
+    let mut agent = node.agent(host, &pw).await;
+
+    // Nobody consumes the shard: the hello waits in its queue.
+    agent.hello().await;
+    let queue = node.names.shard_queue(host.shard(node.n_shards));
+    wait_until("the hello waiting in the shard queue", || {
+        comodit_testkit::queue_counts(&queue) == Some((1, 0))
+    })
+    .await;
+    let err = node
+        .orch()
+        .submit(host, ping(), opts(None))
+        .await
+        .unwrap_err();
+    assert!(matches!(err, OpsError::NotOwner(_)), "{err}");
+
+    // The shard is assigned to this node at epoch 7: the hello is handled.
+    switch.set(Some(Epoch(7)));
+    events
+        .wait_for("host online", |e| *e == NodeEvent::HostOnline { host })
+        .await;
+    assert_eq!(
+        node.store().get_runtime(host).await.unwrap().unwrap().epoch,
+        Epoch(7)
+    );
+    let Submitted::Pending(change) = node.orch().submit(host, ping(), opts(None)).await.unwrap()
+    else {
+        panic!()
+    };
+    let cmd = agent.command().await;
+    assert_eq!((cmd.id, cmd.epoch), (change.command_id, Epoch(7)));
+
+    // Handed over: the actors stop, new messages wait for the next owner.
+    let orch = node.orch().clone();
+    switch.set(None);
+    wait_until("the host actor stopped", || orch.host_actor_count() == 0).await;
+    agent.reply_ok(&cmd).await;
+    wait_until("the reply waiting for the next owner", || {
+        comodit_testkit::queue_counts(&queue) == Some((1, 0))
+    })
+    .await;
+    // The next owner (this node again, at a new epoch) records it.
+    switch.set(Some(Epoch(8)));
+    wait_until_async("the change applied", || async {
+        node.store()
+            .get_change(host, change.id)
+            .await
+            .unwrap()
+            .is_some_and(|c| c.status == ChangeStatus::Applied && c.epoch == Epoch(8))
+    })
+    .await;
+    agent.disconnect().await;
+    node.finish().await;
+}
