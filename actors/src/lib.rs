@@ -1,9 +1,68 @@
 //! # comodit-actors
 //!
-//! The node's host actors (DESIGN §8). Placeholder: the public interface below is what the API and
-//! the node code against; the actor runtime behind it is being built.
+//! The node's host actors (DESIGN §4, §5, §8): one supervised actix actor per host of the shards
+//! this node owns, fed by one consumer per shard queue, dispatching the host's change log to its
+//! agent and recording what comes back.
+//!
+//! ## Main types
+//!
+//! - [`Orchestrator`]: starts the runtime ([`Orchestrator::start`]), follows shard
+//!   [`Ownership`](ownership::Ownership), and implements [`HostOps`] for the API: `submit`
+//!   records a change and kicks the host's actor through the broker, `cancel` goes through the
+//!   actor, `events` is the node's event stream.
+//! - [`ActorsConfig`]: timeouts, retries, heartbeat expectations, bounds.
+//! - [`validate`]: the checks every upward message passes (routing key, broker identity, body).
+//! - [`pending`]: a host's pending changes and their schedule (sans-IO).
+//!
+//! ## How data flows
+//!
+//! ```text
+//!  agent ─► <p>.up ─► <p>.shard.<n> ─► shard task: validate ─► host actor (mailbox, in order)
+//!                                      refused: counted, logged, acked      │
+//!                                                                           ▼
+//!  store ◄─ runtime (hello/heartbeat/drift/bye), change status + reply (fenced by epoch)
+//!  API submit ─► append_change ─► kick on <p>.up ─► host actor ─► command on <p>.down ─► agent
+//!  each delivery is acked once its effect is in the store; on a store error it is requeued
+//! ```
+//!
+//! Threads: actix runs on its own threads (one `System`, [`ActorsConfig::arbiters`] arbiters);
+//! the actors only keep order, and every store call, publish and ack runs on the caller's tokio
+//! runtime.
+//!
+//! ## Decisions
+//!
+//! - **Kicks go through the broker.** `submit` records the change, then publishes a `kick` on
+//!   `<p>.up` with the host's routing key (DESIGN §5), so it reaches the owning node in order with
+//!   the host's own messages. If that publish fails the actor is kicked in-process; a `hello` also
+//!   re-reads the change log.
+//! - **Dispatch does not wait for the host to be online**: commands wait in the host's durable
+//!   queue. Re-sends (same command id) happen only while the host is online, after
+//!   [`ActorsConfig::command_timeout`], at most [`ActorsConfig::max_retries`] times; coming
+//!   online restarts the timeout. After that the change waits for its reply or its expiry.
+//! - **One sweep per shard**, not a timer per host: each actor publishes its next deadline in an
+//!   atomic; the shard task pokes the actors whose deadline passed.
+//! - **Heartbeats are cheap**: `last_seen` lives in memory and is written to the store at most
+//!   every [`ActorsConfig::last_seen_write_s`]; online/offline changes are written at once.
+//!   Connection events from the broker mark a host offline at once ([`ActorsConfig::connection_events`]).
+//! - **Fencing**: every runtime and change write carries the shard epoch; a
+//!   `StaleEpoch` from the store (or a higher epoch found when loading) stops the actor from
+//!   acting for the host, and its deliveries go back to the queue for the real owner.
+//! - **Memory**: an idle actor holds ids, online/last-heard, a deadline, and its pending changes'
+//!   ids (about 1 KiB of heap per idle host with actix's context; see `tests/memory.rs`).
 
+mod config;
+mod host;
+pub mod metrics;
 pub mod ownership;
+pub mod pending;
+mod presence;
+mod runtime;
+mod shard;
+mod ticket;
+pub mod validate;
+
+pub use config::ActorsConfig;
+pub use runtime::Orchestrator;
 
 use std::time::Duration;
 
