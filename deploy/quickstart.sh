@@ -1,116 +1,87 @@
 #!/usr/bin/env bash
 # comodit quickstart on a fresh Debian/Ubuntu machine (run as root or with sudo).
 #
-# Today (before the orchestrator node lands) this sets up the agent half of the system for real:
-# RabbitMQ with the management plugin, the DESIGN §5 exchanges, one host's queue and broker user with
-# the per-agent permissions, the release `comodit-agent` connected with those credentials — then it
-# plays the node's part through RabbitMQ's management API: it sends a `ping` and an `apply` that writes
-# a file, and prints the agent's replies. State lives in ./.state/quickstart.
+# Installs and starts RabbitMQ (management and event-exchange plugins), builds the release binaries,
+# starts a comodit node with the embedded store, enrolls a local agent to it, and writes a file on
+# this host through the REST API. State lives in ./.state/quickstart; re-running restarts cleanly.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source deploy/common.sh
 
-MGMT="${COMODIT_MGMT_URL:-http://127.0.0.1:15672}"
-ADMIN="${COMODIT_MGMT_USER:-guest}:${COMODIT_MGMT_PASSWORD:-guest}"
-PREFIX="comodit"
+PORT="${COMODIT_QUICKSTART_PORT:-8080}"
+API="http://127.0.0.1:$PORT"
 STATE="$PWD/.state/quickstart"
+NODE_DATA="$STATE/node"
+AGENT_STATE="$STATE/agent"
 
 ensure_rust
 ensure_rabbitmq
 apt_install curl python3
 
 log "building release binaries"
-cargo build --release --locked -p comodit-agent 2>&1 | tail -n 1
-AGENT="$PWD/target/release/comodit-agent"
+cargo build --release --locked -p comodit-node -p comodit-agent -p comodit-cli 2>&1 | tail -n 1
+BIN="$PWD/target/release"
 
-api() { # method path [json]
-  curl -fsS -u "$ADMIN" -H 'content-type: application/json' -X "$1" "$MGMT/api$2" ${3:+--data "$3"}
+stop_pid() {
+  local f="$1"
+  if [ -f "$f" ] && kill -0 "$(cat "$f")" 2>/dev/null; then
+    kill "$(cat "$f")"
+    for _ in $(seq 1 100); do kill -0 "$(cat "$f")" 2>/dev/null || break; sleep 0.1; done
+  fi
+  rm -f "$f"
 }
-
 mkdir -p "$STATE"
-if [ -f "$STATE/agent.pid" ] && kill -0 "$(cat "$STATE/agent.pid")" 2>/dev/null; then
-  log "stopping the previous quickstart agent"
-  kill "$(cat "$STATE/agent.pid")"; sleep 1
+stop_pid "$STATE/agent.pid"
+stop_pid "$STATE/node.pid"
+
+log "starting comodit-node on $API (data: $NODE_DATA)"
+COMODIT_LISTEN="127.0.0.1:$PORT" COMODIT_DATA_DIR="$NODE_DATA" \
+  nohup "$BIN/comodit-node" >"$STATE/node.log" 2>&1 &
+echo $! > "$STATE/node.pid"
+for _ in $(seq 1 120); do
+  curl -fsS "$API/healthz" >/dev/null 2>&1 && break
+  kill -0 "$(cat "$STATE/node.pid")" 2>/dev/null || die "the node exited; see $STATE/node.log"
+  sleep 0.5
+done
+curl -fsS "$API/healthz" >/dev/null || die "the node did not become healthy; see $STATE/node.log"
+TOKEN_FILE="$NODE_DATA/admin-token"
+TOKEN=$(cat "$TOKEN_FILE")
+
+if [ ! -f "$AGENT_STATE/credentials.json" ]; then
+  log "enrolling the local agent"
+  SECRET=$(curl -fsS -X POST -H "Authorization: Bearer $TOKEN" -H 'content-type: application/json' \
+    --data '{"expires_in_s": 600, "max_uses": 1, "description": "quickstart"}' \
+    "$API/api/v1/orgs/default/envs/default/enrollment-tokens" | python3 -c 'import json,sys; print(json.load(sys.stdin)["secret"])')
+  COMODIT_STATE_DIR="$AGENT_STATE" "$BIN/comodit-agent" enroll --token "$SECRET"
 fi
+HOST=$(python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))["host"])' "$AGENT_STATE/credentials.json")
 
-HOST_ID=$(cat "$STATE/host-id" 2>/dev/null || python3 -c 'import uuid; print(uuid.uuid4())')
-echo "$HOST_ID" > "$STATE/host-id"
-PASSWORD=$(python3 -c 'import secrets; print(secrets.token_urlsafe(24))')
-
-log "declaring the topology (DESIGN §5) and host $HOST_ID"
-api PUT "/exchanges/%2f/$PREFIX.up" '{"type":"topic","durable":true}'
-api PUT "/exchanges/%2f/$PREFIX.down" '{"type":"direct","durable":true}'
-api PUT "/queues/%2f/$PREFIX.agent.$HOST_ID" '{"durable":true}'
-api POST "/bindings/%2f/e/$PREFIX.down/q/$PREFIX.agent.$HOST_ID" "{\"routing_key\":\"$HOST_ID\"}" >/dev/null
-# Stands in for the node's shard queues: everything agents send.
-api PUT "/queues/%2f/$PREFIX.quickstart.up" '{"durable":true}'
-api POST "/bindings/%2f/e/$PREFIX.up/q/$PREFIX.quickstart.up" '{"routing_key":"up.#"}' >/dev/null
-api DELETE "/queues/%2f/$PREFIX.quickstart.up/contents" >/dev/null 2>&1 || true
-
-log "creating the host's broker user with the per-agent permissions"
-api PUT "/users/$HOST_ID" "{\"password\":\"$PASSWORD\",\"tags\":\"\"}"
-api PUT "/permissions/%2f/$HOST_ID" \
-  "{\"configure\":\"^\$\",\"write\":\"^$PREFIX\\\\.up\$\",\"read\":\"^$PREFIX\\\\.agent\\\\.$HOST_ID\$\"}"
-api PUT "/topic-permissions/%2f/$HOST_ID" \
-  "{\"exchange\":\"$PREFIX.up\",\"write\":\"^up\\\\.[0-9]+\\\\.$HOST_ID\\\\.[a-z_]+\$\",\"read\":\"^\$\"}"
-
-export COMODIT_STATE_DIR="$STATE/agent"
-printf '%s' "$PASSWORD" | "$AGENT" credentials --host "$HOST_ID"
-
-log "starting comodit-agent"
-COMODIT_BROKER_URL="amqp://127.0.0.1:5672/%2f" COMODIT_HEARTBEAT_S=60 \
-  nohup "$AGENT" run >"$STATE/agent.log" 2>&1 &
+log "starting comodit-agent (host $HOST)"
+COMODIT_STATE_DIR="$AGENT_STATE" COMODIT_HEARTBEAT_S=60 nohup "$BIN/comodit-agent" run >"$STATE/agent.log" 2>&1 &
 echo $! > "$STATE/agent.pid"
+for _ in $(seq 1 120); do
+  online=$(curl -fsS -H "Authorization: Bearer $TOKEN" "$API/api/v1/hosts/$HOST" 2>/dev/null \
+    | python3 -c 'import json,sys; print(json.load(sys.stdin)["runtime"]["online"])' 2>/dev/null || true)
+  [ "$online" = "True" ] && break
+  sleep 0.5
+done
+[ "$online" = "True" ] || die "the agent did not come online; see $STATE/agent.log and $STATE/node.log"
 
-# Reads what the agent sent (acking it) until a message whose JSON contains $1.
-wait_up() {
-  for _ in $(seq 1 60); do
-    out=$(api POST "/queues/%2f/$PREFIX.quickstart.up/get" '{"count":50,"ackmode":"ack_requeue_false","encoding":"auto"}')
-    hit=$(printf '%s' "$out" | python3 -c "
-import json,sys
-for m in json.load(sys.stdin):
-    if '$1' in m['payload']:
-        print(m['routing_key']); print(json.dumps(json.loads(m['payload']), indent=2)); break")
-    [ -n "$hit" ] && { printf '%s\n' "$hit"; return 0; }
-    sleep 1
-  done
-  die "no message containing $1 from the agent; see $STATE/agent.log"
-}
-
-send() { # command JSON
-  body=$(python3 -c 'import json,sys; print(json.dumps({"properties":{"content_type":"application/json","type":"command"},"routing_key":sys.argv[1],"payload":sys.argv[2],"payload_encoding":"string"}))' "$HOST_ID" "$1")
-  api POST "/exchanges/%2f/$PREFIX.down/publish" "$body" >/dev/null
-}
-
-command_json() { # body-json
-  python3 -c '
-import json,sys,uuid,datetime
-now=datetime.datetime.now(datetime.timezone.utc)
-cmd={"v":1,"id":str(uuid.uuid4()),"host":sys.argv[1],"epoch":1,
-     "issued_at":now.isoformat(),"expires_at":(now+datetime.timedelta(minutes=10)).isoformat(),
-     "body":json.loads(sys.argv[2])}
-print(json.dumps(cmd))' "$HOST_ID" "$1"
-}
-
-log "waiting for the agent's hello"
-wait_up '"facts"' | head -n 1
-
-log "ping"
-PING=$(command_json '{"op":"ping"}'); send "$PING"
-wait_up "$(printf '%s' "$PING" | python3 -c 'import json,sys; print(json.load(sys.stdin)["id"])')" | head -n 12
-
-log "apply: write /tmp/comodit-quickstart.txt (mode 0640) through the agent"
-APPLY=$(command_json '{"op":"apply","mode":"enforce","monitor":true,"resources":[{"collection":"files","id":"/tmp/comodit-quickstart.txt","spec":{"content":"managed by comodit\n","mode":"0640"}}]}')
-send "$APPLY"
-wait_up "$(printf '%s' "$APPLY" | python3 -c 'import json,sys; print(json.load(sys.stdin)["id"])')"
+CURL="curl -sS -X PUT -H \"Authorization: Bearer \$(cat $TOKEN_FILE)\" -H 'content-type: application/json' \\
+  --data '{\"spec\": {\"content\": \"managed by comodit\\\\n\", \"mode\": \"0640\"}}' \\
+  $API/api/v1/hosts/$HOST/resources/files/tmp/comodit-quickstart.txt"
+log "writing /tmp/comodit-quickstart.txt through the API"
+echo "$CURL"
+eval "$CURL" | python3 -m json.tool | head -n 40
 ls -l /tmp/comodit-quickstart.txt
 
 cat <<INFO
 
-The agent is running (pid $(cat "$STATE/agent.pid"), log $STATE/agent.log) as host $HOST_ID.
-It monitors /tmp/comodit-quickstart.txt: edit it and a 'drift' event lands in queue
-$PREFIX.quickstart.up (see it at $MGMT, user guest/guest on this machine only).
-One-shot mode without a broker:  $AGENT apply resources.json --dry-run
-Stop the agent:                  kill \$(cat $STATE/agent.pid)
-The orchestrator node (REST API, enrollment) is not built yet: see README, "What works today".
+comodit is running.
+  API:             $API/api/v1   (OpenAPI document: $API/api/v1/openapi.json)
+  admin token:     $TOKEN_FILE
+  this host:       $HOST (online; see: $BIN/comodit --token-file $TOKEN_FILE hosts get $HOST)
+  write a file:    $CURL
+  logs:            $STATE/node.log, $STATE/agent.log
+  stop:            kill \$(cat $STATE/agent.pid) \$(cat $STATE/node.pid)
 INFO

@@ -260,6 +260,12 @@ impl Orchestrator {
         info!("actor runtime stopped");
     }
 
+    /// The sender side of the node's event stream, for other node services (enrollment) to
+    /// publish on the same stream the API's SSE reads.
+    pub fn event_sender(&self) -> broadcast::Sender<NodeEvent> {
+        self.core.events.clone()
+    }
+
     /// For metrics and tests: how many host actors are alive.
     pub fn host_actor_count(&self) -> usize {
         self.core.actors.load(Ordering::Relaxed)

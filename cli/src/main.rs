@@ -9,7 +9,11 @@ use clap::{Parser, Subcommand};
 use serde_json::{json, Value};
 
 #[derive(Parser)]
-#[command(name = "comodit", version, about = "Manage hosts through a comodit node")]
+#[command(
+    name = "comodit",
+    version,
+    about = "Manage hosts through a comodit node"
+)]
 struct Cli {
     /// The node's API.
     #[arg(long, env = "COMODIT_URL", default_value = "http://127.0.0.1:8080")]
@@ -103,13 +107,24 @@ enum Hosts {
         #[arg(long)]
         limit: Option<u32>,
     },
-    Get { host: String },
-    Facts { host: String },
-    Compliance { host: String },
+    Get {
+        host: String,
+    },
+    Facts {
+        host: String,
+    },
+    Compliance {
+        host: String,
+    },
     /// Set labels (key=value; key= removes).
-    Label { host: String, labels: Vec<String> },
+    Label {
+        host: String,
+        labels: Vec<String>,
+    },
     /// Revoke: delete the host's broker user, queue and records.
-    Revoke { host: String },
+    Revoke {
+        host: String,
+    },
 }
 
 #[derive(Subcommand)]
@@ -121,7 +136,11 @@ enum Resources {
         #[arg(long)]
         under: Option<String>,
     },
-    Get { host: String, collection: String, id: String },
+    Get {
+        host: String,
+        collection: String,
+        id: String,
+    },
     /// Apply a spec: `--spec '{"content":"hi\n","mode":"0644"}'` or `--spec @file.json`. The
     /// resource is also monitored (compliance) unless `--no-monitor`.
     Put {
@@ -166,8 +185,12 @@ enum EnrollTokens {
         #[arg(long, default_value = "")]
         description: String,
     },
-    List { org: String },
-    Revoke { id: String },
+    List {
+        org: String,
+    },
+    Revoke {
+        id: String,
+    },
 }
 
 #[derive(Subcommand)]
@@ -178,7 +201,9 @@ enum Tokens {
         role: String,
     },
     List,
-    Revoke { id: String },
+    Revoke {
+        id: String,
+    },
 }
 
 struct Api {
@@ -193,7 +218,11 @@ impl Api {
         let auth = format!("Bearer {}", self.token);
         let response = match (method, body) {
             ("GET", _) => self.agent.get(&url).header("Authorization", &auth).call(),
-            ("DELETE", _) => self.agent.delete(&url).header("Authorization", &auth).call(),
+            ("DELETE", _) => self
+                .agent
+                .delete(&url)
+                .header("Authorization", &auth)
+                .call(),
             (m, body) => {
                 let body = body.unwrap_or(json!({}));
                 let req = match m {
@@ -244,7 +273,12 @@ fn resource_path(host: &str, collection: &str, id: &str) -> String {
             id.split('/').map(enc).collect::<Vec<_>>().join("/")
         )
     } else {
-        format!("/hosts/{}/resources/{}/{}", enc(host), enc(collection), enc(id))
+        format!(
+            "/hosts/{}/resources/{}/{}",
+            enc(host),
+            enc(collection),
+            enc(id)
+        )
     }
 }
 
@@ -275,7 +309,9 @@ fn run(cli: Cli) -> anyhow::Result<Option<Value>> {
             .with_context(|| format!("reading {}", path.display()))?
             .trim()
             .to_owned(),
-        (None, None) => bail!("no token: pass --token-file (or COMODIT_TOKEN_FILE) or COMODIT_TOKEN"),
+        (None, None) => {
+            bail!("no token: pass --token-file (or COMODIT_TOKEN_FILE) or COMODIT_TOKEN")
+        }
     };
     let agent: ureq::Agent = ureq::Agent::config_builder()
         .http_status_as_error(false)

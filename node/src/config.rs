@@ -193,7 +193,11 @@ impl NodeConfig {
 
     /// The broker user in `broker_url` (the node's own user: the only one whose `kick` counts).
     pub fn broker_user(&self) -> String {
-        let rest = self.broker_url.split_once("://").map(|(_, r)| r).unwrap_or("");
+        let rest = self
+            .broker_url
+            .split_once("://")
+            .map(|(_, r)| r)
+            .unwrap_or("");
         match rest.split_once('@') {
             Some((userinfo, _)) => userinfo.split(':').next().unwrap_or("guest").to_owned(),
             None => "guest".to_owned(),

@@ -1,4 +1,282 @@
-//! # comodit-node (being built)
+//! # comodit-node
+//!
+//! The orchestrator node, wired from the other crates (DESIGN §2, §8). A single node is a cluster of
+//! one: it owns every shard through [`comodit_actors::ownership::SingleNode`] (the cluster issue backs
+//! the same interface with Raft).
+//!
+//! Start-up, in order: the embedded store (`<data_dir>/comodit.redb`) → first-start bootstrap (an admin
+//! API token written to `<data_dir>/admin-token`, 0600; a `default` organization and environment) →
+//! the Prometheus recorder → the broker connection, which declares the topology of DESIGN §5 on every
+//! (re)connect → the host actors ([`comodit_actors::Orchestrator`]) consuming the shard queues → the
+//! enrollment service on `<prefix>.enroll` → the REST API.
+//!
+//! Shutdown ([`run`]'s `shutdown` token), in reverse: the API stops accepting and finishes in-flight
+//! requests, the actors stop consuming and finish in-flight work, then the broker connection closes.
 
 pub mod config;
 pub mod enroll;
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use chrono::Utc;
+use comodit_actors::ownership::SingleNode;
+use comodit_actors::{ActorsConfig, Orchestrator};
+use comodit_bus::{Bus, BusConfig};
+use comodit_store::embedded::EmbeddedStore;
+use comodit_store::{
+    ApiToken, EnvId, Environment, OrgId, Organization, Page, Role, Scope, Store, TokenId,
+};
+use tokio_util::sync::CancellationToken;
+
+pub use config::NodeConfig;
+
+#[derive(Debug, thiserror::Error)]
+pub enum NodeError {
+    #[error("data directory {path}: {source}")]
+    DataDir {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("store: {0}")]
+    Store(#[from] comodit_store::StoreError),
+    #[error("broker: {0}")]
+    Bus(String),
+    #[error("actors: {0}")]
+    Actors(String),
+    #[error("enrollment: {0}")]
+    Enroll(String),
+    #[error("api listener {addr}: {source}")]
+    Listen {
+        addr: std::net::SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("metrics: {0}")]
+    Metrics(String),
+}
+
+/// Where the first admin token is written.
+pub fn admin_token_path(data_dir: &Path) -> PathBuf {
+    data_dir.join("admin-token")
+}
+
+/// On first start (no API token yet): creates an admin token and writes its secret, 0600, to
+/// `<data_dir>/admin-token`; creates the `default` organization and environment. Idempotent.
+pub async fn bootstrap(store: &dyn Store, data_dir: &Path) -> Result<(), NodeError> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+
+    let tokens = store.list_api_tokens(&Page::first(1)).await?;
+    if tokens.items.is_empty() {
+        let secret = random_secret();
+        let path = admin_token_path(data_dir);
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o600)
+            .open(&path)
+            .map_err(|source| NodeError::DataDir {
+                path: path.clone(),
+                source,
+            })?;
+        f.write_all(format!("{secret}\n").as_bytes())
+            .and_then(|_| f.sync_all())
+            .map_err(|source| NodeError::DataDir {
+                path: path.clone(),
+                source,
+            })?;
+        store
+            .create_api_token(&ApiToken {
+                id: TokenId::random(),
+                name: "admin".into(),
+                secret_sha256: comodit_api::hash_token(&secret),
+                role: Role::Admin,
+                scope: Scope::Global,
+                revoked: false,
+                created_at: Utc::now(),
+            })
+            .await?;
+        tracing::info!(path = %path.display(), "admin token written");
+    }
+    let org = match store.get_org_by_name("default").await? {
+        Some(org) => org,
+        None => {
+            let org = Organization {
+                id: OrgId::random(),
+                name: "default".into(),
+                created_at: Utc::now(),
+                version: 1,
+            };
+            store.create_org(&org).await?;
+            org
+        }
+    };
+    if store.get_env_by_name(org.id, "default").await?.is_none() {
+        store
+            .create_env(&Environment {
+                id: EnvId::random(),
+                org: org.id,
+                name: "default".into(),
+                created_at: Utc::now(),
+                version: 1,
+            })
+            .await?;
+    }
+    Ok(())
+}
+
+/// 32 random bytes, hex.
+pub fn random_secret() -> String {
+    use rand::RngCore;
+    let mut b = [0u8; 32];
+    rand::thread_rng().fill_bytes(&mut b);
+    hex::encode(b)
+}
+
+/// Runs a node until `shutdown` is cancelled. `metrics` is the process's Prometheus handle (one
+/// recorder per process: the binary installs it, tests pass a handle of their own).
+pub async fn run(
+    config: NodeConfig,
+    metrics: metrics_exporter_prometheus::PrometheusHandle,
+    shutdown: CancellationToken,
+) -> Result<(), NodeError> {
+    std::fs::create_dir_all(&config.data_dir).map_err(|source| NodeError::DataDir {
+        path: config.data_dir.clone(),
+        source,
+    })?;
+    let names = config.names();
+    let span = tracing::info_span!("node", prefix = names.prefix());
+    let _guard = span.enter();
+
+    let store: Arc<dyn Store> =
+        Arc::new(EmbeddedStore::open(&config.data_dir.join("comodit.redb"))?);
+    bootstrap(store.as_ref(), &config.data_dir).await?;
+
+    // The broker connection outlives `shutdown` until the actors have finished in-flight work.
+    let bus_stop = CancellationToken::new();
+    let bus = Bus::start(
+        BusConfig {
+            url: config.broker_url.clone(),
+            connection_name: "comodit-node".into(),
+            ..BusConfig::default()
+        },
+        bus_stop.clone(),
+    );
+    {
+        let names = names.clone();
+        let n_shards = config.n_shards;
+        bus.on_connect(move |ch| {
+            let names = names.clone();
+            async move { comodit_bus::topology::declare_core(&ch, &names, n_shards).await }
+        });
+    }
+    bus.wait_connected(Duration::from_secs(60))
+        .await
+        .map_err(|e| NodeError::Bus(e.to_string()))?;
+
+    let ownership = Arc::new(SingleNode::new(config.n_shards));
+    let orchestrator = Orchestrator::start(
+        ActorsConfig {
+            command_timeout: Duration::from_secs(config.command_timeout_s),
+            max_retries: config.max_retries,
+            heartbeat_s: config.heartbeat_s,
+            offline_after_missed: config.offline_after_missed,
+            prefetch: config.prefetch,
+            node_user: config.broker_user(),
+            ..ActorsConfig::default()
+        },
+        store.clone(),
+        bus.clone(),
+        names.clone(),
+        ownership,
+        shutdown.clone(),
+    )
+    .await
+    .map_err(|e| NodeError::Actors(e.to_string()))?;
+
+    let admin = comodit_bus::admin::BrokerAdmin::new(
+        &config.mgmt_url,
+        &config.mgmt_user,
+        &config.mgmt_password,
+        &vhost_of(&config.broker_url),
+    )
+    .map_err(|e| NodeError::Enroll(e.to_string()))?;
+    let enroll = enroll::EnrollService::start(
+        store.clone(),
+        bus.clone(),
+        admin,
+        names.clone(),
+        enroll::EnrollConfig {
+            enroll_user: config.enroll_user.clone(),
+            enroll_password: config.enroll_password.clone(),
+            n_shards: config.n_shards,
+        },
+        Some(orchestrator.event_sender()),
+        shutdown.clone(),
+    )
+    .await
+    .map_err(|e| NodeError::Enroll(e.to_string()))?;
+
+    let ready = {
+        let bus = bus.clone();
+        Arc::new(move || bus.is_connected()) as Arc<dyn Fn() -> bool + Send + Sync>
+    };
+    let app = comodit_api::router(comodit_api::ApiState {
+        store: store.clone(),
+        ops: Arc::new(orchestrator.clone()),
+        lifecycle: Arc::new(enroll.clone()),
+        metrics,
+        ready,
+        n_shards: config.n_shards,
+        limits: Default::default(),
+    });
+    let listener = tokio::net::TcpListener::bind(config.listen)
+        .await
+        .map_err(|source| NodeError::Listen {
+            addr: config.listen,
+            source,
+        })?;
+    tracing::info!(listen = %config.listen, admin_token = %admin_token_path(&config.data_dir).display(), "node ready");
+    let http_stop = shutdown.clone();
+    axum::serve(listener, app)
+        .with_graceful_shutdown(async move { http_stop.cancelled().await })
+        .await
+        .map_err(|source| NodeError::Listen {
+            addr: config.listen,
+            source,
+        })?;
+
+    tracing::info!("stopping");
+    orchestrator.stop().await;
+    bus_stop.cancel();
+    tracing::info!("stopped");
+    Ok(())
+}
+
+/// The vhost of an AMQP URL (`%2f` → `/`).
+pub fn vhost_of(url: &str) -> String {
+    let rest = url.split_once("://").map(|(_, r)| r).unwrap_or(url);
+    let path = rest.split_once('/').map(|(_, p)| p).unwrap_or("");
+    let path = path.split('?').next().unwrap_or("");
+    if path.is_empty() {
+        "/".into()
+    } else {
+        path.replace("%2f", "/").replace("%2F", "/")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn vhosts() {
+        assert_eq!(vhost_of("amqp://u:p@h:5672/%2f"), "/");
+        assert_eq!(vhost_of("amqp://h:5672/prod?heartbeat=5"), "prod");
+        assert_eq!(vhost_of("amqp://h"), "/");
+    }
+}

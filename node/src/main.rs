@@ -1,1 +1,84 @@
-fn main() {}
+//! `comodit-node`: parses flags, sets up logging and metrics, and calls the library.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::Parser;
+use comodit_node::config::{NodeConfig, Overrides};
+use tokio_util::sync::CancellationToken;
+
+#[derive(Parser)]
+#[command(
+    name = "comodit-node",
+    version,
+    about = "The comodit orchestrator node"
+)]
+struct Cli {
+    /// TOML configuration file (then COMODIT_* variables, then flags, override it).
+    #[arg(long, short = 'c', env = "COMODIT_CONFIG")]
+    config: Option<PathBuf>,
+    #[command(flatten)]
+    overrides: Overrides,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let cfg = match NodeConfig::load(cli.config.as_deref(), &cli.overrides) {
+        Ok(cfg) => cfg,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let filter = tracing_subscriber::EnvFilter::try_new(&cfg.log)
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let logs = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    if cfg.log_format == "json" {
+        logs.json().init();
+    } else {
+        logs.init();
+    }
+    let metrics = match metrics_exporter_prometheus::PrometheusBuilder::new().install_recorder() {
+        Ok(handle) => handle,
+        Err(e) => {
+            eprintln!("error: metrics recorder: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: runtime: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    let outcome = rt.block_on(async {
+        let shutdown = CancellationToken::new();
+        let signal = shutdown.clone();
+        tokio::spawn(async move {
+            let mut term =
+                tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+                    .expect("signal handler");
+            tokio::select! {
+                _ = tokio::signal::ctrl_c() => {}
+                _ = term.recv() => {}
+            }
+            tracing::info!("shutting down");
+            signal.cancel();
+        });
+        comodit_node::run(cfg, metrics, shutdown).await
+    });
+    match outcome {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!(error = %e, "node failed");
+            eprintln!("error: {e}");
+            ExitCode::from(1)
+        }
+    }
+}

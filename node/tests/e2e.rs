@@ -1,0 +1,198 @@
+//! End to end: a real node, real agents and the real broker, driven through the REST API.
+
+mod common;
+
+use std::os::unix::fs::PermissionsExt;
+
+use common::*;
+use serde_json::json;
+
+fn put_file(
+    node: &Node,
+    host: &str,
+    path: &std::path::Path,
+    content: &str,
+    mode: &str,
+    query: &str,
+) -> (u16, serde_json::Value) {
+    node.api(
+        "PUT",
+        &format!("/hosts/{host}/resources/files{}{query}", path.display()),
+        Some(json!({"spec": {"content": content, "mode": mode}})),
+    )
+}
+
+#[test]
+fn enroll_online_put_dry_run_run_offline_and_back() {
+    let node = Node::start();
+    let token = node.enrollment_token(5);
+    let mut agent = Agent::enroll(&node, &token);
+    agent.start(&node);
+    let host = agent.host.clone();
+
+    // Enrolled and online, with facts.
+    node.wait_for("host online", || node.online(&host).then_some(()));
+    let detail = node.host(&host);
+    assert_eq!(
+        detail["runtime"]["facts"]["os_family"], "debian",
+        "{detail}"
+    );
+    let (_, facts) = node.api("GET", &format!("/hosts/{host}/facts"), None);
+    assert!(facts["facts"]["cpus"].as_u64().unwrap_or(0) >= 1, "{facts}");
+
+    // A file through the API lands on disk with its mode.
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("motd");
+    let (status, body) = put_file(&node, &host, &path, "hello from comodit\n", "0640", "");
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["status"], "applied", "{body}");
+    assert_eq!(
+        std::fs::read_to_string(&path).unwrap(),
+        "hello from comodit\n"
+    );
+    assert_eq!(
+        std::fs::metadata(&path).unwrap().permissions().mode() & 0o7777,
+        0o640
+    );
+
+    // Dry run reports and changes nothing.
+    let (status, body) = put_file(&node, &host, &path, "changed\n", "0600", "?dry_run=true");
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["result"]["results"][0]["changed"], true, "{body}");
+    assert_eq!(
+        std::fs::read_to_string(&path).unwrap(),
+        "hello from comodit\n"
+    );
+
+    // GET reads it back through the agent.
+    let (status, body) = node.api(
+        "GET",
+        &format!("/hosts/{host}/resources/files{}", path.display()),
+        None,
+    );
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["result"]["data"]["state"]["mode"], "0640", "{body}");
+
+    // run returns output.
+    let (status, body) = node.api(
+        "POST",
+        &format!("/hosts/{host}/run"),
+        Some(json!({"argv": ["echo", "out $(not a shell)"], "timeout_s": 10})),
+    );
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(
+        body["result"]["data"]["stdout"], "out $(not a shell)\n",
+        "{body}"
+    );
+
+    // The agent stops: offline.
+    agent.stop();
+    node.wait_for("host offline", || (!node.online(&host)).then_some(()));
+
+    // A command sent while offline is accepted (202) and runs once when the agent returns.
+    let log = dir.path().join("ran-while-offline");
+    let (status, body) = node.api(
+        "POST",
+        &format!("/hosts/{host}/run?async=true"),
+        Some(json!({"argv": ["sh", "-c", format!("echo ran >> {}", log.display())], "timeout_s": 10})),
+    );
+    assert_eq!(status, 202, "{body}");
+    let change = body["id"].as_str().unwrap().to_owned();
+    agent.start(&node);
+    node.wait_for("offline change applied", || {
+        let (_, c) = node.api("GET", &format!("/hosts/{host}/changes/{change}"), None);
+        (c["status"] == "applied").then_some(())
+    });
+    assert_eq!(std::fs::read_to_string(&log).unwrap(), "ran\n");
+    let (_, changes) = node.api("GET", &format!("/hosts/{host}/changes"), None);
+    assert!(changes["items"].as_array().unwrap().len() >= 5, "{changes}");
+}
+
+#[test]
+fn node_restart_keeps_hosts_tokens_changes_and_resumes_queued_work() {
+    let mut node = Node::start();
+    let token = node.enrollment_token(2);
+    let mut agent = Agent::enroll(&node, &token);
+    agent.start(&node);
+    let host = agent.host.clone();
+    node.wait_for("host online", || node.online(&host).then_some(()));
+    let (status, _) = node.api(
+        "POST",
+        &format!("/hosts/{host}/run"),
+        Some(json!({"argv": ["true"], "timeout_s": 5})),
+    );
+    assert_eq!(status, 200);
+
+    // Queue work while the agent is away, then restart the node.
+    agent.stop();
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("after-restart");
+    let (status, body) = put_file(&node, &host, &path, "resumed\n", "0644", "?async=true");
+    assert_eq!(status, 202, "{body}");
+    let change = body["id"].as_str().unwrap().to_owned();
+    node.stop();
+    node.spawn();
+
+    let (status, _) = node.api("GET", &format!("/hosts/{host}"), None);
+    assert_eq!(status, 200, "host survives the restart");
+    let (_, tokens) = node.api("GET", "/orgs/default/enrollment-tokens", None);
+    assert_eq!(tokens["items"][0]["uses"], 1, "{tokens}");
+    let (_, changes) = node.api("GET", &format!("/hosts/{host}/changes"), None);
+    assert!(changes["items"].as_array().unwrap().len() >= 2, "{changes}");
+
+    agent.start(&node);
+    node.wait_for("queued change applied after restart", || {
+        let (_, c) = node.api("GET", &format!("/hosts/{host}/changes/{change}"), None);
+        (c["status"] == "applied").then_some(())
+    });
+    assert_eq!(std::fs::read_to_string(&path).unwrap(), "resumed\n");
+}
+
+#[test]
+fn a_revoked_host_cannot_reconnect() {
+    let node = Node::start();
+    let token = node.enrollment_token(1);
+    let mut agent = Agent::enroll(&node, &token);
+    agent.start(&node);
+    let host = agent.host.clone();
+    node.wait_for("host online", || node.online(&host).then_some(()));
+
+    let (status, body) = node.api("DELETE", &format!("/hosts/{host}"), None);
+    assert!(status == 200 || status == 204, "{status} {body}");
+    let (status, _) = node.api("GET", &format!("/hosts/{host}"), None);
+    assert_eq!(status, 404);
+    // Its broker user is gone: the broker refuses the stored credentials.
+    let creds: serde_json::Value = serde_json::from_slice(
+        &std::fs::read(agent.state.path().join("credentials.json")).unwrap(),
+    )
+    .unwrap();
+    let url = comodit_testkit::amqp_url_for(&host, creds["password"].as_str().unwrap());
+    let refused = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap()
+        .block_on(async {
+            let stop = tokio_util::sync::CancellationToken::new();
+            let bus = comodit_bus::Bus::start(
+                comodit_bus::BusConfig {
+                    url,
+                    ..Default::default()
+                },
+                stop.clone(),
+            );
+            let r = bus.wait_connected(std::time::Duration::from_secs(3)).await;
+            stop.cancel();
+            r.is_err()
+        });
+    assert!(refused, "the revoked host's credentials still work");
+    // A used-up token enrolls nobody.
+    let out = std::process::Command::new(bin("comodit-agent"))
+        .env("COMODIT_STATE_DIR", tempfile::tempdir().unwrap().path())
+        .env("COMODIT_PREFIX", &node.prefix)
+        .env("COMODIT_ENROLL_USER", node.enroll_user())
+        .env("COMODIT_ENROLL_PASSWORD", "enroll-secret")
+        .args(["enroll", "--token", &token])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+}
