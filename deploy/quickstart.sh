@@ -68,11 +68,14 @@ done
 [ "$online" = "True" ] || die "the agent did not come online; see $STATE/agent.log and $STATE/node.log"
 
 CURL="curl -sS -X PUT -H \"Authorization: Bearer \$(cat $TOKEN_FILE)\" -H 'content-type: application/json' \\
-  --data '{\"spec\": {\"content\": \"managed by comodit\\\\n\", \"mode\": \"0640\"}}' \\
+  --data '{\"spec\": {\"content\": \"managed by comodit\\n\", \"mode\": \"0640\"}}' \\
   $API/api/v1/hosts/$HOST/resources/files/tmp/comodit-quickstart.txt"
 log "writing /tmp/comodit-quickstart.txt through the API"
 echo "$CURL"
-eval "$CURL" | python3 -m json.tool | head -n 40
+eval "$CURL" > "$STATE/last-put.json"
+python3 -c 'import json,sys; r=json.load(open(sys.argv[1])); print(json.dumps({k: r.get(k) for k in ("status", "op", "result")}, indent=2))' "$STATE/last-put.json"
+python3 -c 'import json,sys; sys.exit(0 if json.load(open(sys.argv[1])).get("status") == "applied" else 1)' "$STATE/last-put.json" \
+  || die "the write through the API did not apply; see $STATE/last-put.json"
 ls -l /tmp/comodit-quickstart.txt
 
 cat <<INFO
