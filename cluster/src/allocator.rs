@@ -1,0 +1,1 @@
+//! Shard allocation (being written).

@@ -1,0 +1,1 @@
+//! Lease rules (being written).
