@@ -472,15 +472,29 @@ impl<S: LogStore> RaftNode<S> {
 
     /// Term of the entry at `index`, if this node still has it (in the store or in memory).
     pub fn term_at(&self, index: u64) -> Option<u64> {
-        self.raw.raft.raft_log.term(index).ok()
+        let log = &self.raw.raft.raft_log;
+        // raft answers 0 (not an error) below the snapshot and past the end.
+        if index + 1 < log.first_index() || index > log.last_index() {
+            return None;
+        }
+        log.term(index).ok()
     }
 
     /// Entry at `index`, if this node still has it.
     pub fn entry_at(&self, index: u64) -> Option<Entry> {
+        let log = &self.raw.raft.raft_log;
+        if index < log.first_index() || index > log.last_index() {
+            return None;
+        }
         self.raw
             .raft
             .raft_log
-            .entries(index, 1, raft::GetEntriesContext::empty(false))
+            .slice(
+                index,
+                index + 1,
+                None,
+                raft::GetEntriesContext::empty(false),
+            )
             .ok()
             .and_then(|mut v| v.pop())
     }
