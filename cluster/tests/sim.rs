@@ -12,11 +12,8 @@ const SEEDS: u64 = 300;
 const STEPS: usize = 300;
 
 fn nodes_for(seed: u64) -> usize {
-    if seed % 3 == 0 {
-        5
-    } else {
-        3
-    }
+    // One schedule in three runs 5 nodes, the others 3.
+    [5, 3, 3][(seed % 3) as usize]
 }
 
 #[test]
