@@ -48,6 +48,10 @@ pub struct SimConfig {
     pub election_tick: usize,
     /// Heartbeat interval, in ticks.
     pub heartbeat_tick: usize,
+    /// Each node's election timeout is `election_tick + rand(0..election_spread_ticks)`, drawn at
+    /// start and restart. A narrow spread makes candidates collide (split votes, rival candidates
+    /// in one term), which is what tests vote persistence.
+    pub election_spread_ticks: usize,
     /// Log compaction interval, in applied entries (small, so snapshots get sent).
     pub snapshot_interval: u64,
     /// Delivery delay is drawn from `1..=max_delay_ticks`.
@@ -77,12 +81,13 @@ impl SimConfig {
             n_shards: 16,
             election_tick: 10,
             heartbeat_tick: 2,
+            election_spread_ticks: 3,
             snapshot_interval: 8,
             max_delay_ticks: 3,
             drop_per_mille: 50,
             dup_per_mille: 20,
-            crash_per_mille: 10,
-            restart_per_mille: 60,
+            crash_per_mille: 40,
+            restart_per_mille: 150,
             partition_per_mille: 10,
             heal_per_mille: 40,
             propose_per_mille: 300,
@@ -795,7 +800,7 @@ fn up(node: RaftNode) -> Up {
 }
 
 fn start_node(cfg: &SimConfig, rng: &mut StdRng, id: NodeId, disk: MemLogStore) -> RaftNode {
-    let timeout = cfg.election_tick + rng.gen_range(0..cfg.election_tick);
+    let timeout = cfg.election_tick + rng.gen_range(0..cfg.election_spread_ticks.max(1));
     let config = RaftNodeConfig {
         election_tick: cfg.election_tick,
         heartbeat_tick: cfg.heartbeat_tick,
