@@ -6,6 +6,9 @@
 
 pub mod allocator;
 pub mod lease;
+pub mod raft_node;
+pub mod sim;
+pub mod state;
 
 /// A node of the cluster (Raft peer id; never 0, which raft-rs reserves).
 pub type NodeId = u64;
