@@ -243,7 +243,7 @@ impl ClusterState {
     /// re-spread over the active nodes.
     pub fn plan_allocation(&self) -> Vec<Option<NodeId>> {
         let current: Vec<Option<NodeId>> = self.shards.iter().map(|s| s.owner).collect();
-        allocate(&self.active_nodes(), &current)
+        crate::allocator::allocate(&self.active_nodes(), &current)
     }
 
     /// Apply the entry at log `index` (which must be above [`Self::applied_index`]).
@@ -381,27 +381,6 @@ impl ClusterState {
         }
         Ok(())
     }
-}
-
-// STAND-IN for `crate::allocator::allocate`, which another helper is writing: keep shards whose
-// owner is still live, give the others round-robin to the live nodes. The lead replaces this
-// function with a call to `crate::allocator::allocate(live_nodes, current)`.
-fn allocate(live_nodes: &[NodeId], current: &[Option<NodeId>]) -> Vec<Option<NodeId>> {
-    if live_nodes.is_empty() {
-        return vec![None; current.len()];
-    }
-    let mut next = 0usize;
-    current
-        .iter()
-        .map(|owner| match owner {
-            Some(o) if live_nodes.contains(o) => Some(*o),
-            _ => {
-                let n = live_nodes[next % live_nodes.len()];
-                next += 1;
-                Some(n)
-            }
-        })
-        .collect()
 }
 
 #[cfg(test)]
