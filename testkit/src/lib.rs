@@ -639,4 +639,3 @@ mod tests {
         assert_ne!(a, unique_prefix());
     }
 }
-
