@@ -15,6 +15,9 @@ use tokio::sync::Barrier;
 /// Connections per store in the tests: enough for the suite's concurrent checks.
 const POOL: usize = 8;
 
+/// Runtime writes and change appends each racing writer tries.
+const WRITES: usize = 20;
+
 async fn fixture() -> conformance::Fixture {
     let (url, db) = tokio::task::spawn_blocking(comodit_testkit::fresh_pg_database)
         .await
@@ -207,7 +210,7 @@ async fn nodes_racing_fenced_writes_end_with_the_highest_epoch() {
         tasks.push(tokio::spawn(async move {
             start.wait().await;
             let mut refusals = Vec::new();
-            for _ in 0..10 {
+            for _ in 0..WRITES {
                 let outcome = match store.put_runtime(&runtime(host, epoch)).await {
                     Ok(()) => store.append_change(&change(host, epoch)).await.map(|_| ()),
                     Err(e) => Err(e),
@@ -244,7 +247,7 @@ async fn nodes_racing_fenced_writes_end_with_the_highest_epoch() {
     epochs.reverse(); // oldest first
     assert_eq!(
         epochs.iter().filter(|e| **e == 8).count(),
-        10,
+        WRITES,
         "epoch 8 wrote all its changes"
     );
     for pair in epochs.windows(2) {
