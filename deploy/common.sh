@@ -77,3 +77,48 @@ ensure_rabbitmq() {
   rabbitmq_up || die "rabbitmq did not start; see /var/log/rabbitmq/"
   log "rabbitmq is up ($(as_root rabbitmqctl -q status 2>/dev/null | grep -A2 'File Descriptors' | grep -o 'limit: [0-9]*' | head -n1) open files)"
 }
+
+pg_up() { pg_isready -q -h 127.0.0.1 -p 5432 -t 2 >/dev/null 2>&1; }
+
+# PostgreSQL from the distribution, for the PostgreSQL store backend's tests: started (without
+# systemd when systemd is not running), answering on 127.0.0.1:5432, with a role `comodit`
+# (password `comodit`, CREATEDB) that the tests use to create and drop throw-away databases.
+ensure_postgres() {
+  apt_install postgresql
+  local version
+  version=$(ls /usr/lib/postgresql | sort -V | tail -n1)
+  [ -n "$version" ] || die "postgresql is installed but /usr/lib/postgresql is empty"
+  # Debian creates the `main` cluster on install unless told not to (create_main_cluster = false).
+  if ! pg_lsclusters -h 2>/dev/null | awk '{print $1" "$2}' | grep -qx "$version main"; then
+    log "creating postgresql cluster $version/main"
+    as_root pg_createcluster "$version" main >/dev/null
+  fi
+  if ! pg_up; then
+    log "starting postgresql $version"
+    if [ -d /run/systemd/system ]; then
+      as_root systemctl start "postgresql@${version}-main"
+    else
+      # pg_ctlcluster runs pg_ctl as the cluster's owner; the server detaches by itself.
+      as_root pg_ctlcluster "$version" main start
+    fi
+    local i
+    for i in $(seq 1 60); do
+      pg_up && break
+      sleep 1
+    done
+    pg_up || die "postgresql did not start; see /var/log/postgresql/postgresql-${version}-main.log"
+  fi
+  # Idempotent: creates the role, or resets its password and rights.
+  as_root runuser -u postgres -- psql -q -v ON_ERROR_STOP=1 -d postgres >/dev/null <<'SQL'
+DO $$
+BEGIN
+  IF NOT EXISTS (SELECT FROM pg_roles WHERE rolname = 'comodit') THEN
+    CREATE ROLE comodit LOGIN CREATEDB PASSWORD 'comodit';
+  ELSE
+    ALTER ROLE comodit LOGIN CREATEDB PASSWORD 'comodit';
+  END IF;
+END
+$$;
+SQL
+  log "postgresql $version is up on 127.0.0.1:5432 (role comodit)"
+}

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Runs comodit's whole test suite on a Debian/Ubuntu machine: installs and starts what the tests need
-# (Rust toolchain check, RabbitMQ with the management plugin), builds, then runs every test.
+# (Rust toolchain check, RabbitMQ with the management plugin, PostgreSQL), builds, then runs every test.
 # Usage: deploy/test.sh [extra cargo test args]
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -8,11 +8,14 @@ source deploy/common.sh
 
 ensure_rust
 ensure_rabbitmq
+ensure_postgres
 # Tools the real-OS provider tests drive (present on most Debian installs, listed for minimal ones).
 apt_install passwd dpkg apt
 
 export COMODIT_TEST_AMQP_URL="${COMODIT_TEST_AMQP_URL:-amqp://guest:guest@127.0.0.1:5672/%2f}"
 export COMODIT_TEST_MGMT_URL="${COMODIT_TEST_MGMT_URL:-http://127.0.0.1:15672}"
+# The PostgreSQL store tests create and drop their own databases through this role.
+export COMODIT_TEST_PG_URL="${COMODIT_TEST_PG_URL:-postgres://comodit:comodit@127.0.0.1:5432/postgres}"
 export RUST_BACKTRACE="${RUST_BACKTRACE:-1}"
 
 log "building"

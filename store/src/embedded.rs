@@ -491,7 +491,7 @@ enum Order {
     Descending,
 }
 
-fn check_page(page: &Page) -> Result<Option<Vec<u8>>> {
+pub(crate) fn check_page(page: &Page) -> Result<Option<Vec<u8>>> {
     if page.limit == 0 || page.limit > Page::MAX_LIMIT {
         return Err(StoreError::Invalid(format!(
             "page limit must be between 1 and {}, not {}",
@@ -585,7 +585,7 @@ pub fn validate_name(what: &str, name: &str) -> Result<()> {
 }
 
 /// Free-form text of `min..=max` bytes without control characters (NUL separates key parts).
-fn validate_text(what: &str, s: &str, min: usize, max: usize) -> Result<()> {
+pub(crate) fn validate_text(what: &str, s: &str, min: usize, max: usize) -> Result<()> {
     if s.len() < min || s.len() > max {
         return Err(StoreError::Invalid(format!(
             "{what} must be {min} to {max} bytes long, not {}",
@@ -614,12 +614,12 @@ fn validate_labels(labels: &BTreeMap<String, String>) -> Result<()> {
     Ok(())
 }
 
-fn validate_host(host: &Host) -> Result<()> {
+pub(crate) fn validate_host(host: &Host) -> Result<()> {
     validate_text("host name", &host.name, 1, MAX_HOST_NAME_BYTES)?;
     validate_labels(&host.labels)
 }
 
-fn validate_secret_sha256(s: &str) -> Result<()> {
+pub(crate) fn validate_secret_sha256(s: &str) -> Result<()> {
     if s.len() == 64
         && s.bytes()
             .all(|c| c.is_ascii_digit() || (b'a'..=b'f').contains(&c))
@@ -678,7 +678,7 @@ fn label_keys(host: &Host) -> Vec<Vec<u8>> {
 
 /// Whether `facts` has the top-level field `name` equal to `want`, compared as strings (a list
 /// matches if one of its items does).
-fn fact_matches(facts: &comodit_protocol::Facts, name: &str, want: &str) -> bool {
+pub(crate) fn fact_matches(facts: &comodit_protocol::Facts, name: &str, want: &str) -> bool {
     let Ok(serde_json::Value::Object(map)) = serde_json::to_value(facts) else {
         return false;
     };

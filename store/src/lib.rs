@@ -18,6 +18,7 @@
 pub mod conformance;
 pub mod embedded;
 pub mod model;
+pub mod postgres;
 
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};

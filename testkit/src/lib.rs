@@ -482,6 +482,110 @@ fn base64(input: &[u8]) -> String {
     out
 }
 
+// --- PostgreSQL ------------------------------------------------------------------------------
+
+const DEFAULT_PG_URL: &str = "postgres://comodit:comodit@127.0.0.1:5432/postgres";
+
+/// The PostgreSQL server under test: env `COMODIT_TEST_PG_URL`, default the `comodit` role
+/// (CREATEDB) on 127.0.0.1, database `postgres` (what `deploy/common.sh`'s `ensure_postgres`
+/// sets up).
+pub fn pg_url() -> String {
+    std::env::var("COMODIT_TEST_PG_URL").unwrap_or_else(|_| DEFAULT_PG_URL.to_owned())
+}
+
+/// Creates a new, empty database with a unique name on the [`pg_url`] server; returns its url and
+/// a guard that drops the database (closing what is still connected to it) when dropped, also
+/// when the test panics. Talks to the server with `psql` (no driver dependency here); panics with
+/// a clear message if the server is not there.
+pub fn fresh_pg_database() -> (String, PgDatabase) {
+    let base = pg_url();
+    let n: u64 = rand::thread_rng().gen();
+    let name = format!("comodit_t{:012x}", n & 0xffff_ffff_ffff);
+    if let Err(e) = psql(&base, &format!("CREATE DATABASE {name}")) {
+        panic!("cannot create a test database on {}: {e}", redact(&base));
+    }
+    let url = with_database(&base, &name);
+    (url, PgDatabase { base, name })
+}
+
+/// A throw-away database made by [`fresh_pg_database`]; dropped with the guard.
+pub struct PgDatabase {
+    base: String,
+    name: String,
+}
+
+impl PgDatabase {
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+}
+
+impl Drop for PgDatabase {
+    fn drop(&mut self) {
+        // Never panic here: this may run while a failed test unwinds.
+        let sql = format!("DROP DATABASE IF EXISTS {} WITH (FORCE)", self.name);
+        if let Err(e) = psql(&self.base, &sql) {
+            eprintln!("cleanup: drop database {}: {e}", self.name);
+        }
+    }
+}
+
+/// Runs one statement with `psql` against `url`, bounded in time.
+fn psql(url: &str, sql: &str) -> Result<(), String> {
+    let out = Command::new("psql")
+        .arg(url)
+        .args(["-X", "-q", "-v", "ON_ERROR_STOP=1"])
+        .args(["-c", "SET statement_timeout = '60s'", "-c", sql])
+        .env("PGCONNECT_TIMEOUT", "10")
+        .output()
+        .map_err(|e| format!("cannot run psql: {e}"))?;
+    if out.status.success() {
+        Ok(())
+    } else {
+        Err(format!(
+            "psql {}: {}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr).trim()
+        ))
+    }
+}
+
+/// `url` with its database (the path) replaced by `db`, keeping any `?parameters`.
+fn with_database(url: &str, db: &str) -> String {
+    let (head, query) = match url.split_once('?') {
+        Some((h, q)) => (h, Some(q)),
+        None => (url, None),
+    };
+    let authority_start = head.find("://").map_or(0, |i| i + 3);
+    let path_start = head[authority_start..]
+        .find('/')
+        .map_or(head.len(), |i| authority_start + i);
+    let mut out = format!("{}/{db}", &head[..path_start]);
+    if let Some(q) = query {
+        out.push('?');
+        out.push_str(q);
+    }
+    out
+}
+
+#[cfg(test)]
+mod pg_tests {
+    use super::*;
+
+    #[test]
+    fn the_database_of_a_url_is_replaced() {
+        assert_eq!(
+            with_database("postgres://u:p@h:5432/postgres", "x"),
+            "postgres://u:p@h:5432/x"
+        );
+        assert_eq!(
+            with_database("postgres://u:p@h/postgres?sslmode=disable", "x"),
+            "postgres://u:p@h/x?sslmode=disable"
+        );
+        assert_eq!(with_database("postgres://h", "x"), "postgres://h/x");
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
