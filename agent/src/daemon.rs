@@ -344,9 +344,16 @@ async fn command_loop(
 async fn finish(
     uplink: &Uplink,
     delivery: Delivery,
-    reply: comodit_protocol::Reply,
+    reply: Option<comodit_protocol::Reply>,
     shutdown: &CancellationToken,
 ) {
+    let Some(reply) = reply else {
+        // A redelivery of a command still executing: its own delivery carries the reply.
+        if let Err(e) = delivery.ack().await {
+            tracing::debug!(error = %e, "ack of a redelivery failed");
+        }
+        return;
+    };
     let up = Up::Reply(reply);
     if uplink.publish_reliably(&up, shutdown).await {
         if let Err(e) = delivery.ack().await {

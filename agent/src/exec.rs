@@ -243,6 +243,9 @@ pub struct Executor {
     pub apply_lock: tokio::sync::Mutex<()>,
     /// Wakes the compliance loop (after `set_desired` or a monitored apply).
     pub compliance_kick: tokio::sync::Notify,
+    /// Commands executing now: a redelivery of one of them (the node re-sends after its timeout
+    /// while a long `run` is still going) is not answered; the real reply follows.
+    inflight: std::sync::Mutex<std::collections::HashSet<CommandId>>,
     pub shutdown: CancellationToken,
 }
 
@@ -285,6 +288,7 @@ impl Executor {
             events,
             apply_lock: tokio::sync::Mutex::new(()),
             compliance_kick: tokio::sync::Notify::new(),
+            inflight: Default::default(),
             shutdown,
         })
     }
@@ -315,9 +319,9 @@ impl Executor {
         self.reply(re, Status::Rejected, Some(reason))
     }
 
-    /// Handles one delivery's body. Always returns a reply to publish (for a message that is not
-    /// even JSON, `re` is absent).
-    pub async fn handle(self: &Arc<Self>, bytes: &[u8]) -> Reply {
+    /// Handles one delivery's body and returns the reply to publish (for a message that is not even
+    /// JSON, `re` is absent). `None` only for a redelivery of a command still executing here.
+    pub async fn handle(self: &Arc<Self>, bytes: &[u8]) -> Option<Reply> {
         let cmd = match Command::decode(bytes) {
             Ok(cmd) => cmd,
             Err(e) => {
@@ -325,14 +329,27 @@ impl Executor {
                 let re = serde_json::from_slice::<serde_json::Value>(bytes)
                     .ok()
                     .and_then(|v| v.get("id")?.as_str()?.parse().ok());
-                return self.rejected(re, e.label(), e.to_string());
+                return Some(self.rejected(re, e.label(), e.to_string()));
             }
         };
         self.handle_command(cmd).await
     }
 
-    /// Handles a decoded command: host check, dedup, expiry, epoch fence, then the op.
-    pub async fn handle_command(self: &Arc<Self>, cmd: Command) -> Reply {
+    /// Handles a decoded command: host check, dedup, expiry, epoch fence, then the op. `None` when
+    /// the same command is executing right now (its reply is on the way).
+    pub async fn handle_command(self: &Arc<Self>, cmd: Command) -> Option<Reply> {
+        if !self.inflight.lock().unwrap().insert(cmd.id) {
+            self.stats.inc("duplicates", &[]);
+            tracing::info!(command_id = %cmd.id, "redelivered while executing; the reply will follow");
+            return None;
+        }
+        let id = cmd.id;
+        let reply = self.handle_fresh(cmd).await;
+        self.inflight.lock().unwrap().remove(&id);
+        Some(reply)
+    }
+
+    async fn handle_fresh(self: &Arc<Self>, cmd: Command) -> Reply {
         let span = tracing::info_span!("command", command_id = %cmd.id, host_id = %self.host,
             epoch = cmd.epoch.0, op = cmd.body.op());
         let _guard = span.enter();

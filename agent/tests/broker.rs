@@ -338,3 +338,36 @@ async fn monitored_file_drift_is_reported_once_and_enforce_repairs() {
     );
     rig.finish().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_command_resent_while_it_runs_is_answered_once() {
+    let mut rig = Rig::new().await;
+    rig.start_agent();
+    let log = rig.path("long.log");
+    // The node re-sends a command with the same id after its timeout; a long run is still going.
+    let cmd = rig.command(
+        1,
+        run_body(&[
+            "sh",
+            "-c",
+            &format!("echo start >> {0}; sleep 1; echo end >> {0}", log.display()),
+        ]),
+    );
+    rig.send(&cmd).await;
+    rig.send(&cmd).await;
+    let reply = rig.reply_to(cmd.id).await;
+    assert_eq!(reply.status, Status::Ok, "{reply:?}");
+    // Barrier: a ping sent after the reply is answered after anything the duplicate caused.
+    rig.call(&rig.command(1, Body::Ping {})).await;
+    assert_eq!(
+        rig.backlog_replies_to(cmd.id),
+        0,
+        "the duplicate got a reply of its own"
+    );
+    assert_eq!(
+        std::fs::read_to_string(&log).unwrap(),
+        "start\nend\n",
+        "ran once"
+    );
+    rig.finish().await;
+}

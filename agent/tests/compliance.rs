@@ -263,7 +263,7 @@ async fn set_desired_replaces_the_baseline_and_forgets_old_drift() {
             resources: vec![rb.clone()],
         },
     };
-    let reply = f.exec.handle_command(cmd).await;
+    let reply = f.exec.handle_command(cmd).await.expect("a reply");
     assert_eq!(reply.status, Status::Ok, "{reply:?}");
     assert_eq!(f.exec.store.baseline().unwrap(), vec![rb]);
     assert!(f.exec.store.drift().unwrap().is_empty());
