@@ -1,0 +1,1 @@
+//! Authenticated TCP between Raft peers (in progress).
