@@ -148,6 +148,8 @@ pub struct TransportStats {
     pub dropped_unknown_peer: u64,
     /// `send` dropped: the message did not fit in a frame.
     pub dropped_too_large: u64,
+    /// `send` dropped: the transport was shut down.
+    pub dropped_shut_down: u64,
     /// Handshakes that failed, on either side.
     pub auth_failures: u64,
     /// Connections closed for a bad frame (too large, undecodable, wrong ids).
@@ -161,6 +163,7 @@ struct Counters {
     dropped_queue_full: AtomicU64,
     dropped_unknown_peer: AtomicU64,
     dropped_too_large: AtomicU64,
+    dropped_shut_down: AtomicU64,
     auth_failures: AtomicU64,
     rejected_frames: AtomicU64,
     delivered: AtomicU64,
@@ -171,7 +174,8 @@ impl Counters {
         let c = match reason {
             "queue_full" => &self.dropped_queue_full,
             "unknown_peer" => &self.dropped_unknown_peer,
-            _ => &self.dropped_too_large,
+            "too_large" => &self.dropped_too_large,
+            _ => &self.dropped_shut_down,
         };
         c.fetch_add(1, Ordering::Relaxed);
         metrics::counter!("comodit_cluster_transport_dropped_total", "reason" => reason)
@@ -367,7 +371,7 @@ impl Transport {
                 counters.dropped("queue_full");
             }
             // The writer is gone only once the transport shuts down.
-            Err(mpsc::error::TrySendError::Closed(_)) => counters.dropped("queue_full"),
+            Err(mpsc::error::TrySendError::Closed(_)) => counters.dropped("shut_down"),
         }
     }
 
@@ -378,6 +382,7 @@ impl Transport {
             dropped_queue_full: c.dropped_queue_full.load(Ordering::Relaxed),
             dropped_unknown_peer: c.dropped_unknown_peer.load(Ordering::Relaxed),
             dropped_too_large: c.dropped_too_large.load(Ordering::Relaxed),
+            dropped_shut_down: c.dropped_shut_down.load(Ordering::Relaxed),
             auth_failures: c.auth_failures.load(Ordering::Relaxed),
             rejected_frames: c.rejected_frames.load(Ordering::Relaxed),
             delivered: c.delivered.load(Ordering::Relaxed),
