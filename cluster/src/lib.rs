@@ -6,9 +6,11 @@
 
 pub mod allocator;
 pub mod lease;
+pub mod log_store;
 pub mod raft_node;
 pub mod sim;
 pub mod state;
+pub mod transport;
 
 /// A node of the cluster (Raft peer id; never 0, which raft-rs reserves).
 pub type NodeId = u64;
