@@ -12,7 +12,7 @@
 //! are only handed out afterwards, DESIGN §7), apply committed entries to the state machine, and
 //! compact the log into a snapshot every [`RaftNodeConfig::snapshot_interval`] applied entries.
 //! Persistence is abstracted by [`LogStore`]; [`MemLogStore`] keeps everything in memory (the
-//! simulator's "disk"). A file-backed store (fsync'd) is still to be written.
+//! simulator's "disk"); [`crate::log_store::FileLogStore`] is the durable one (fsync'd on every write).
 //!
 //! **Restart.** A node is rebuilt from its store alone: the state machine from the latest snapshot's
 //! data, then raft hands out again the committed entries after the snapshot, which are re-applied.
