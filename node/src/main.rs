@@ -40,7 +40,15 @@ fn main() -> ExitCode {
     } else {
         logs.init();
     }
-    let metrics = match metrics_exporter_prometheus::PrometheusBuilder::new().install_recorder() {
+    // Histograms as Prometheus histograms (not summaries), with latency buckets from 0.5 ms to 60 s.
+    const BUCKETS_S: &[f64] = &[
+        0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+        60.0,
+    ];
+    let metrics = match metrics_exporter_prometheus::PrometheusBuilder::new()
+        .set_buckets(BUCKETS_S)
+        .and_then(|b| b.install_recorder())
+    {
         Ok(handle) => handle,
         Err(e) => {
             eprintln!("error: metrics recorder: {e}");

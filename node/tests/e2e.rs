@@ -106,6 +106,24 @@ fn enroll_online_put_dry_run_run_offline_and_back() {
     assert_eq!(std::fs::read_to_string(&log).unwrap(), "ran\n");
     let (_, changes) = node.api("GET", &format!("/hosts/{host}/changes"), None);
     assert!(changes["items"].as_array().unwrap().len() >= 5, "{changes}");
+
+    // Prometheus text at /metrics, without a token, with real histograms and the actors' counters.
+    let metrics = ureq::get(&node.url("/metrics"))
+        .call()
+        .unwrap()
+        .into_body()
+        .read_to_string()
+        .unwrap();
+    for needle in [
+        "comodit_api_request_duration_seconds_bucket",
+        "comodit_node_commands_dispatched_total",
+        "comodit_node_replies_total",
+    ] {
+        assert!(
+            metrics.contains(needle),
+            "{needle} missing from /metrics:\n{metrics}"
+        );
+    }
 }
 
 #[test]
