@@ -374,32 +374,31 @@ fn run(cli: Cli) -> anyhow::Result<Option<Value>> {
             api.call("GET", &format!("/hosts/{}/compliance", enc(&host)), None)?
         }
         Verb::Hosts(Hosts::Label { host, labels }) => {
-            // PATCH needs the current version (If-Match): read it first.
-            let current = api.call("GET", &format!("/hosts/{}", enc(&host)), None)?;
-            let version = current
-                .get("version")
-                .and_then(Value::as_u64)
-                .context("the host has no version")?;
-            let mut map = current
-                .get("labels")
-                .and_then(Value::as_object)
-                .cloned()
-                .unwrap_or_default();
+            // A merge patch of the labels (`key=` removes one), guarded by the ETag just read.
+            let url = format!("{}/api/v1/hosts/{}", api.base.trim_end_matches('/'), enc(&host));
+            let auth = format!("Bearer {}", api.token);
+            let current = api.agent.get(&url).header("Authorization", &auth).call()?;
+            if current.status().as_u16() >= 400 {
+                bail!("{}: cannot read the host", current.status());
+            }
+            let etag = current
+                .headers()
+                .get("etag")
+                .and_then(|v| v.to_str().ok())
+                .context("the API sent no ETag")?
+                .to_owned();
+            let mut patch = serde_json::Map::new();
             for l in labels {
                 let (k, v) = l.split_once('=').context("labels are key=value")?;
-                if v.is_empty() {
-                    map.remove(k);
-                } else {
-                    map.insert(k.to_owned(), Value::String(v.to_owned()));
-                }
+                let value = if v.is_empty() { Value::Null } else { Value::String(v.to_owned()) };
+                patch.insert(k.to_owned(), value);
             }
-            let url = format!("{}/api/v1/hosts/{}", api.base.trim_end_matches('/'), enc(&host));
             let response = api
                 .agent
                 .patch(&url)
-                .header("Authorization", &format!("Bearer {}", api.token))
-                .header("If-Match", &format!("\"{version}\""))
-                .send_json(json!({"labels": map}))?;
+                .header("Authorization", &auth)
+                .header("If-Match", &etag)
+                .send_json(json!({"labels": patch}))?;
             let status = response.status().as_u16();
             let body: Value = response.into_body().read_json().unwrap_or(Value::Null);
             if status >= 400 {

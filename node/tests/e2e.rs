@@ -214,3 +214,58 @@ fn a_revoked_host_cannot_reconnect() {
         .unwrap();
     assert!(!out.status.success());
 }
+
+#[test]
+fn the_cli_drives_the_api() {
+    let node = Node::start();
+    let token = node.enrollment_token(1);
+    let mut agent = Agent::enroll(&node, &token);
+    agent.start(&node);
+    let host = agent.host.clone();
+    node.wait_for("host online", || node.online(&host).then_some(()));
+    let token_file = node.dir.path().join("data/admin-token");
+    let cli = |args: &[&str]| {
+        let out = std::process::Command::new(bin("comodit"))
+            .env("COMODIT_URL", node.url(""))
+            .env("COMODIT_TOKEN_FILE", &token_file)
+            .args(args)
+            .output()
+            .unwrap();
+        (
+            out.status.code(),
+            serde_json::from_slice::<serde_json::Value>(&out.stdout).unwrap_or_default(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    let (code, hosts, err) = cli(&["hosts", "list", "--online", "true"]);
+    assert_eq!(code, Some(0), "{err}");
+    assert_eq!(hosts["items"][0]["id"], host.as_str(), "{hosts}");
+
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("via-cli");
+    let (code, change, err) = cli(&[
+        "resources",
+        "put",
+        &host,
+        "files",
+        path.to_str().unwrap(),
+        "--spec",
+        r#"{"content": "from the cli\n", "mode": "0600"}"#,
+    ]);
+    assert_eq!(code, Some(0), "{err}");
+    assert_eq!(change["status"], "applied", "{change}");
+    assert_eq!(std::fs::read_to_string(&path).unwrap(), "from the cli\n");
+
+    let (code, run, err) = cli(&["run", &host, "--", "echo", "hi"]);
+    assert_eq!(code, Some(0), "{err}");
+    assert_eq!(run["result"]["data"]["stdout"], "hi\n", "{run}");
+
+    let (code, labelled, err) = cli(&["hosts", "label", &host, "rack=r12"]);
+    assert_eq!(code, Some(0), "{err}");
+    assert_eq!(labelled["labels"]["rack"], "r12", "{labelled}");
+
+    // A problem from the API is an error exit with its detail.
+    let (code, _, err) = cli(&["hosts", "get", "not-a-uuid"]);
+    assert_eq!(code, Some(1));
+    assert!(err.contains("400"), "{err}");
+}
