@@ -25,7 +25,9 @@
 //! none) goes to its new owner directly: the old owner surely stopped. A shard moving between two
 //! *live* nodes is handed off in two steps so that no two nodes ever act for it at once: first it
 //! is unassigned, and only once the old owner reported (through the `applied` index of a renewal)
-//! that it applied the unassignment, or its lease surely expired, does the leader give it out.
+//! that it applied the unassignment, or its lease surely expired, does the leader give it out. A
+//! new leader does not know which handoff its predecessor left half done, so it first waits the
+//! same way for every node to apply the log it inherited.
 //!
 //! **Not here yet:** membership changes at runtime (`ConfChangeV2`, joining a node that is not a
 //! founding voter) and an API to propose commands from outside.
@@ -559,7 +561,12 @@ impl Driver {
                 granted,
                 acked: BTreeMap::new(),
                 outstanding: None,
-                handoff: None,
+                // A handoff the previous leader started may be half done: before giving out any
+                // unowned shard, every live node must have applied the whole log it inherited.
+                handoff: Some((
+                    self.node.last_index(),
+                    self.node.state().nodes.keys().copied().collect(),
+                )),
             });
         }
         let state = self.node.state().clone();
