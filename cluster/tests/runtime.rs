@@ -154,7 +154,16 @@ async fn three_nodes_elect_a_leader_and_partition_the_shards() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_crashed_node_loses_its_shards_after_its_lease_and_rejoins_after_restart() {
+async fn a_crashed_follower_loses_its_shards_after_its_lease_and_rejoins_after_restart() {
+    crash_and_rejoin(false).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_crashed_leader_loses_its_shards_after_its_lease_and_rejoins_after_restart() {
+    crash_and_rejoin(true).await;
+}
+
+async fn crash_and_rejoin(victim_is_leader: bool) {
     let dir = tempfile::tempdir().unwrap();
     let (peers, mut members) = three_nodes(dir.path()).await;
     let nodes = refs(&members, &[1, 2, 3]);
@@ -164,9 +173,12 @@ async fn a_crashed_node_loses_its_shards_after_its_lease_and_rejoins_after_resta
     })
     .await;
 
-    // Crash a follower (from the others' view: it just goes silent).
+    // Crash a node (from the others' view: it just goes silent).
     let leader = nodes[0].status().leader.unwrap();
-    let victim = *peers.keys().find(|&&id| id != leader).unwrap();
+    let victim = *peers
+        .keys()
+        .find(|&&id| (id == leader) == victim_is_leader)
+        .unwrap();
     let survivors: Vec<NodeId> = peers.keys().copied().filter(|&id| id != victim).collect();
     let before: BTreeMap<u32, u64> = members[&victim].node.owned().into_iter().collect();
     assert!(!before.is_empty());
