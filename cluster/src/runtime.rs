@@ -679,3 +679,137 @@ fn next_admin_command(
         .collect();
     (step != current).then_some(Command::AssignShards { owners: step })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cfg() -> ClusterConfig {
+        let addr: SocketAddr = "127.0.0.1:1".parse().unwrap();
+        ClusterConfig {
+            id: 1,
+            listen: addr,
+            cluster_secret: "s".into(),
+            data_dir: PathBuf::new(),
+            peers: (1..=3).map(|id| (id, addr)).collect(),
+            n_shards: 4,
+            tick_ms: 20,
+            lease: LeaseConfig {
+                lease_ms: 1_000,
+                max_drift_ppm: 0,
+                renew_every_ms: 200,
+            },
+        }
+    }
+
+    fn leader(cfg: &ClusterConfig, live: &[NodeId], now: u64) -> LeaderState {
+        let grant = Grant(GrantedLease::new(&cfg.lease, 0).unwrap());
+        LeaderState {
+            term: 1,
+            granted: live.iter().map(|&id| (id, (grant.fresh(now), 0))).collect(),
+            acked: BTreeMap::new(),
+            outstanding: None,
+            handoff: None,
+        }
+    }
+
+    /// Applies `cmd` at the next index; returns that index.
+    fn apply(state: &mut ClusterState, cmd: &Command) -> u64 {
+        let index = state.applied_index + 1;
+        assert_eq!(state.apply(index, cmd), Outcome::Applied, "{cmd:?}");
+        index
+    }
+
+    #[test]
+    fn a_shard_moves_between_live_nodes_only_after_the_old_owner_applied_its_release() {
+        let cfg = cfg();
+        let mut state = ClusterState::default();
+        let mut l = leader(&cfg, &[1, 2, 3], 0);
+        // Init, then the founding voters, then the first allocation (no owner to wait for).
+        while let Some(cmd) = next_admin_command(&cfg, &state, &mut l, 0, vec![1, 2]) {
+            apply(&mut state, &cmd);
+        }
+        let owners: Vec<_> = state.shards.iter().map(|s| s.owner).collect();
+        assert_eq!(owners, [Some(1), Some(1), Some(2), Some(2)]);
+
+        // Node 3 joins: two shards must leave live owners; first they become unowned.
+        let cmd = next_admin_command(&cfg, &state, &mut l, 0, vec![1, 2, 3]).unwrap();
+        assert_eq!(
+            cmd,
+            Command::AddNode {
+                id: 3,
+                addr: "127.0.0.1:1".into()
+            }
+        );
+        apply(&mut state, &cmd);
+        let cmd = next_admin_command(&cfg, &state, &mut l, 0, vec![1, 2, 3]).unwrap();
+        let Command::AssignShards { owners } = &cmd else {
+            panic!("{cmd:?}")
+        };
+        assert!(owners.iter().all(|o| *o != Some(3)), "{owners:?}");
+        assert_eq!(
+            owners.iter().filter(|o| o.is_none()).count(),
+            1,
+            "{owners:?}"
+        );
+        // 4 shards over 3: node 1 (lower id) keeps the larger share, node 2 gives one up.
+        let from = owners.iter().position(Option::is_none).unwrap();
+        assert_eq!(state.shards[from].owner, Some(2));
+        let release = apply(&mut state, &cmd);
+        // What `lead` records for this proposal.
+        l.handoff = Some((release, [2].into()));
+
+        // No acknowledgement yet, or one from before the release: nothing is given out.
+        assert!(next_admin_command(&cfg, &state, &mut l, 0, vec![1, 2, 3]).is_none());
+        l.acked.insert(2, release - 1);
+        assert!(next_admin_command(&cfg, &state, &mut l, 0, vec![1, 2, 3]).is_none());
+        // Node 2 applied the release: now the shard goes to node 3.
+        l.acked.insert(2, release);
+        let cmd = next_admin_command(&cfg, &state, &mut l, 0, vec![1, 2, 3]).unwrap();
+        let Command::AssignShards { owners } = &cmd else {
+            panic!("{cmd:?}")
+        };
+        assert_eq!(
+            owners.iter().filter(|o| **o == Some(3)).count(),
+            1,
+            "{owners:?}"
+        );
+        assert!(owners.iter().all(Option::is_some));
+    }
+
+    #[test]
+    fn a_dead_node_is_revoked_then_its_shards_go_straight_to_the_living() {
+        let cfg = cfg();
+        let mut state = ClusterState::default();
+        let mut l = leader(&cfg, &[1, 2, 3], 0);
+        while let Some(cmd) = next_admin_command(&cfg, &state, &mut l, 0, vec![1, 2, 3]) {
+            apply(&mut state, &cmd);
+        }
+        let before = state.shards.clone();
+        // Nodes 1 and 2 renewed at 900; node 3 did not. At 1000 its lease has not surely expired.
+        for id in [1, 2] {
+            l.granted.get_mut(&id).unwrap().0.renewed(900);
+        }
+        assert!(next_admin_command(&cfg, &state, &mut l, 1_000, vec![1, 2, 3]).is_none());
+        let cmd = next_admin_command(&cfg, &state, &mut l, 1_001, vec![1, 2, 3]).unwrap();
+        assert_eq!(
+            cmd,
+            Command::RevokeLease {
+                node: 3,
+                lease_seq: 0
+            }
+        );
+        apply(&mut state, &cmd);
+        let cmd = next_admin_command(&cfg, &state, &mut l, 1_001, vec![1, 2, 3]).unwrap();
+        let index = apply(&mut state, &cmd);
+        for (old, new) in before.iter().zip(&state.shards) {
+            assert_ne!(new.owner, Some(3));
+            assert!(new.owner.is_some());
+            if old.owner == Some(3) {
+                assert_eq!(new.epoch, index);
+            } else {
+                assert_eq!(new, old, "shards of live nodes stay put");
+            }
+        }
+    }
+}
