@@ -8,6 +8,7 @@ pub mod allocator;
 pub mod lease;
 pub mod log_store;
 pub mod raft_node;
+pub mod runtime;
 pub mod sim;
 pub mod state;
 pub mod transport;

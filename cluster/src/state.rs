@@ -85,6 +85,10 @@ pub struct ClusterState {
     /// Log index of the last entry applied (commands and Raft-internal entries alike); a snapshot
     /// carries it so a restored state knows where replay resumes.
     pub applied_index: u64,
+    /// The current lease number of each node (absent: 0). [`Command::RevokeLease`] bumps it, so a
+    /// renewal naming an older number, sent before the revocation, is rejected (crate::lease,
+    /// obligation 1).
+    pub lease_seqs: BTreeMap<NodeId, u64>,
 }
 
 /// A change proposed through Raft.
@@ -131,6 +135,27 @@ pub enum Command {
         key: String,
         /// Value.
         value: String,
+    },
+    /// A node renews its lease number `lease_seq`; rejected unless that is still the node's
+    /// current lease (see [`ClusterState::lease_seqs`]) and the node is active.
+    RenewLease {
+        /// The holder.
+        node: NodeId,
+        /// The lease it renews.
+        lease_seq: u64,
+        /// The holder's tag for this proposal: it matches the commit with its own send time.
+        renewal: u64,
+        /// The holder's applied index when it sent the renewal: everything up to it is reflected
+        /// in what the holder acts on (the leader's handoff waits for it).
+        applied: u64,
+    },
+    /// The leader gives up on lease `lease_seq` of `node` (it surely expired): the node's lease
+    /// number moves on, so renewals of the old one are rejected from now on.
+    RevokeLease {
+        /// The holder.
+        node: NodeId,
+        /// The lease revoked; rejected if it is no longer the current one.
+        lease_seq: u64,
     },
 }
 
@@ -192,6 +217,16 @@ pub enum Rejection {
     /// A size or count limit.
     #[error("limit exceeded: {0}")]
     Limit(&'static str),
+    /// A lease command naming a lease that was already revoked.
+    #[error("lease {lease_seq} of node {node} was revoked (current: {current})")]
+    StaleLease {
+        /// The holder.
+        node: NodeId,
+        /// The lease named.
+        lease_seq: u64,
+        /// The node's current lease.
+        current: u64,
+    },
 }
 
 /// A command or snapshot could not be encoded or decoded.
@@ -378,6 +413,42 @@ impl ClusterState {
                 }
                 self.settings.insert(key.clone(), value.clone());
             }
+            Command::RenewLease {
+                node, lease_seq, ..
+            } => {
+                match self.nodes.get(node) {
+                    None => return Err(Rejection::UnknownNode(*node)),
+                    Some(n) if n.state != NodeState::Active => {
+                        return Err(Rejection::NotActive(*node))
+                    }
+                    Some(_) => {}
+                }
+                self.check_lease(*node, *lease_seq)?;
+            }
+            Command::RevokeLease { node, lease_seq } => {
+                if !self.nodes.contains_key(node) {
+                    return Err(Rejection::UnknownNode(*node));
+                }
+                self.check_lease(*node, *lease_seq)?;
+                self.lease_seqs.insert(*node, lease_seq + 1);
+            }
+        }
+        Ok(())
+    }
+
+    /// The node's current lease number (0 until the first revocation).
+    pub fn lease_seq(&self, node: NodeId) -> u64 {
+        self.lease_seqs.get(&node).copied().unwrap_or(0)
+    }
+
+    fn check_lease(&self, node: NodeId, lease_seq: u64) -> Result<(), Rejection> {
+        let current = self.lease_seq(node);
+        if lease_seq != current {
+            return Err(Rejection::StaleLease {
+                node,
+                lease_seq,
+                current,
+            });
         }
         Ok(())
     }
@@ -617,5 +688,49 @@ mod tests {
         huge.extend_from_slice(&1u64.to_le_bytes());
         huge.extend_from_slice(&u64::MAX.to_le_bytes());
         assert!(Command::decode(&huge).is_err());
+    }
+
+    #[test]
+    fn a_renewal_of_a_revoked_lease_is_rejected() {
+        let mut s = state_with_nodes(2, &[1]);
+        let renew = |seq| Command::RenewLease {
+            node: 1,
+            lease_seq: seq,
+            renewal: 7,
+            applied: 3,
+        };
+        assert_eq!(s.apply(10, &renew(0)), Outcome::Applied);
+        let revoke = Command::RevokeLease {
+            node: 1,
+            lease_seq: 0,
+        };
+        assert_eq!(s.apply(11, &revoke), Outcome::Applied);
+        assert_eq!(s.lease_seq(1), 1);
+        // A renewal sent before the revocation but committed after it extends nothing.
+        assert_eq!(
+            s.apply(12, &renew(0)),
+            Outcome::Rejected(Rejection::StaleLease {
+                node: 1,
+                lease_seq: 0,
+                current: 1
+            })
+        );
+        // Revoking twice is stale too: the leader revokes a lease once.
+        assert!(matches!(s.apply(13, &revoke), Outcome::Rejected(_)));
+        assert_eq!(s.apply(14, &renew(1)), Outcome::Applied);
+        assert_eq!(
+            s.apply(
+                15,
+                &Command::RenewLease {
+                    node: 9,
+                    lease_seq: 0,
+                    renewal: 1,
+                    applied: 0
+                }
+            ),
+            Outcome::Rejected(Rejection::UnknownNode(9))
+        );
+        let round_trip = Command::decode(&renew(4).encode().unwrap()).unwrap();
+        assert_eq!(round_trip, renew(4));
     }
 }

@@ -1,0 +1,815 @@
+//! The running control-plane member (DESIGN §7): [`ClusterNode`] puts the sans-IO
+//! [`RaftNode`], the durable [`FileLogStore`] and the authenticated [`Transport`] together, keeps
+//! this node's lease, and, on the leader, the shard table.
+//!
+//! **One task drives Raft.** It ticks every `tick_ms`, steps what the transport delivers, and after
+//! each of those calls [`RaftNode::ready`], which persists (the store is durable on return) before
+//! it hands out the messages that depend on it; the task then sends them, looks at what was applied
+//! and publishes a new view (shard table, lease validity) for [`ClusterNode::owned`] and a tick on
+//! [`ClusterNode::changes`] when ownership or lease validity changed. A fresh `data_dir` is
+//! bootstrapped with the founding voters; otherwise the node restarts from it.
+//!
+//! **Leases** (the rules and their proof are in [`crate::lease`]). Every node, followers included,
+//! proposes [`Command::RenewLease`] every `renew_every_ms` (a follower's proposal is forwarded by
+//! raft to the leader). Each proposal carries a random tag; the holder remembers the send time of
+//! each tag on its own clock and, when the renewal applies, counts its [`HeldLease`] from that send
+//! time (obligation 3). The renewal names the holder's current lease number; the leader revokes a
+//! lease that surely expired with [`Command::RevokeLease`] before reassigning its shards, and the
+//! state machine rejects renewals of a revoked lease (obligation 1). A new leader starts a
+//! [`GrantedLease`] for every node at its own takeover time (obligation 2) and renews it when it sees
+//! a renewal apply; a node is *live* while its granted lease has not surely expired.
+//!
+//! **Shard table** (leader only, one proposal outstanding at a time): `Init{n_shards}` on an empty
+//! state; `AddNode` for founding voters missing from the node table; `RevokeLease` for nodes whose
+//! lease surely expired; then [`allocate`] over the live nodes. A shard whose owner is dead (or
+//! none) goes to its new owner directly: the old owner surely stopped. A shard moving between two
+//! *live* nodes is handed off in two steps so that no two nodes ever act for it at once: first it
+//! is unassigned, and only once the old owner reported (through the `applied` index of a renewal)
+//! that it applied the unassignment, or its lease surely expired, does the leader give it out. A
+//! new leader does not know which handoff its predecessor left half done, so it first waits the
+//! same way for every node to apply the log it inherited.
+//!
+//! **Not here yet:** membership changes at runtime (`ConfChangeV2`, joining a node that is not a
+//! founding voter) and an API to propose commands from outside.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use raft::eraftpb::{Entry, Message, MessageType};
+use tokio::sync::{mpsc, watch};
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, info, warn, Instrument};
+
+use crate::allocator::allocate;
+use crate::lease::{GrantedLease, HeldLease, LeaseConfig, LeaseConfigError};
+use crate::log_store::{FileLogStore, FileStoreError};
+use crate::raft_node::{tracing_logger, AppliedKind, RaftNode, RaftNodeConfig, RaftNodeError};
+use crate::state::{ClusterState, Command, NodeState, Outcome, ShardEntry, MAX_COMMAND_BYTES};
+use crate::transport::{Transport, TransportConfig, TransportError};
+use crate::NodeId;
+
+/// Messages from peers waiting for the driver task.
+const INBOUND_QUEUE: usize = 4096;
+/// Renewals in flight whose send time the holder remembers; older ones are forgotten (a forgotten
+/// renewal that applies later extends nothing, which is safe).
+const MAX_RENEWALS_IN_FLIGHT: usize = 8;
+/// Name of the Raft log file inside `data_dir`.
+const LOG_FILE: &str = "raft.redb";
+
+/// Settings of one control-plane member.
+#[derive(Clone)]
+pub struct ClusterConfig {
+    /// This node's Raft id (never 0).
+    pub id: NodeId,
+    /// Address the Raft transport listens on.
+    pub listen: SocketAddr,
+    /// Shared secret of the cluster (authenticates peers; never logged).
+    pub cluster_secret: String,
+    /// Where the Raft log lives.
+    pub data_dir: PathBuf,
+    /// The founding voters, this node included, with their Raft addresses (for bootstrap).
+    pub peers: BTreeMap<NodeId, SocketAddr>,
+    /// Number of shards the cluster is initialized with.
+    pub n_shards: u32,
+    /// Raft tick period (100 in production).
+    pub tick_ms: u64,
+    /// Lease timing (the same on every node).
+    pub lease: LeaseConfig,
+}
+
+impl std::fmt::Debug for ClusterConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ClusterConfig")
+            .field("id", &self.id)
+            .field("listen", &self.listen)
+            .field("data_dir", &self.data_dir)
+            .field("peers", &self.peers)
+            .field("n_shards", &self.n_shards)
+            .field("tick_ms", &self.tick_ms)
+            .field("lease", &self.lease)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Why a node could not start or had to stop.
+#[derive(Debug, thiserror::Error)]
+pub enum ClusterError {
+    /// The settings do not make sense.
+    #[error("cluster config: {0}")]
+    Config(String),
+    /// The lease settings are unsafe.
+    #[error("cluster lease config: {0}")]
+    Lease(#[from] LeaseConfigError),
+    /// The Raft log could not be opened.
+    #[error("raft log: {0}")]
+    Store(#[from] FileStoreError),
+    /// Raft refused to start (or failed while running).
+    #[error("raft: {0}")]
+    Raft(#[from] RaftNodeError),
+    /// The transport could not start.
+    #[error("raft transport: {0}")]
+    Transport(#[from] TransportError),
+    /// Creating the data directory failed.
+    #[error("data dir {path}: {source}")]
+    DataDir {
+        /// The directory.
+        path: PathBuf,
+        /// The error.
+        source: std::io::Error,
+    },
+}
+
+/// A node of the node table, as [`ClusterNode::status`] shows it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NodeStatus {
+    /// Raft id.
+    pub id: NodeId,
+    /// Address recorded in the node table.
+    pub addr: String,
+    /// Life-cycle state.
+    pub state: NodeState,
+}
+
+/// What one member knows of the cluster.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ClusterStatus {
+    /// This node.
+    pub id: NodeId,
+    /// The leader it knows of.
+    pub leader: Option<NodeId>,
+    /// Current term.
+    pub term: u64,
+    /// Commit index.
+    pub commit: u64,
+    /// The node table (as applied here).
+    pub nodes: Vec<NodeStatus>,
+    /// Whether this node's lease is valid now.
+    pub lease_valid: bool,
+}
+
+/// What the driver task publishes for readers.
+struct View {
+    leader: Option<NodeId>,
+    term: u64,
+    commit: u64,
+    nodes: Vec<NodeStatus>,
+    shards: Vec<ShardEntry>,
+    lease: HeldLease,
+}
+
+struct Shared {
+    id: NodeId,
+    origin: Instant,
+    view: Mutex<View>,
+    changes: watch::Sender<u64>,
+}
+
+impl Shared {
+    fn now_ms(&self) -> u64 {
+        u64::try_from(self.origin.elapsed().as_millis()).unwrap_or(u64::MAX)
+    }
+
+    fn view(&self) -> std::sync::MutexGuard<'_, View> {
+        self.view.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+/// A running control-plane member. Cheap to clone; see the module doc.
+#[derive(Clone)]
+pub struct ClusterNode {
+    shared: Arc<Shared>,
+}
+
+impl std::fmt::Debug for ClusterNode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ClusterNode")
+            .field("id", &self.shared.id)
+            .finish_non_exhaustive()
+    }
+}
+
+impl ClusterNode {
+    /// Open (or bootstrap) the Raft log in `data_dir`, start the transport and the driver task.
+    /// Everything stops when `shutdown` is cancelled.
+    pub async fn start(
+        cfg: ClusterConfig,
+        shutdown: CancellationToken,
+    ) -> Result<ClusterNode, ClusterError> {
+        if cfg.id == 0 {
+            return Err(ClusterError::Config("node id 0 is reserved".into()));
+        }
+        if !cfg.peers.contains_key(&cfg.id) {
+            return Err(ClusterError::Config(format!(
+                "peers must include this node ({})",
+                cfg.id
+            )));
+        }
+        if cfg.tick_ms == 0 {
+            return Err(ClusterError::Config("tick_ms must be at least 1".into()));
+        }
+        let held = HeldLease::new(&cfg.lease)?;
+        std::fs::create_dir_all(&cfg.data_dir).map_err(|source| ClusterError::DataDir {
+            path: cfg.data_dir.clone(),
+            source,
+        })?;
+        let voters: Vec<NodeId> = cfg.peers.keys().copied().collect();
+        let path = cfg.data_dir.join(LOG_FILE);
+        // Opening reads the whole log: off the async threads.
+        let store = tokio::task::spawn_blocking(move || FileLogStore::bootstrap(&path, &voters))
+            .await
+            .map_err(|e| ClusterError::Config(format!("opening the raft log panicked: {e}")))??;
+        let node = RaftNode::new(&RaftNodeConfig::new(cfg.id), store, &tracing_logger())?;
+
+        let (inbound_tx, inbound_rx) = mpsc::channel(INBOUND_QUEUE);
+        let transport = Transport::start(
+            TransportConfig::new(cfg.listen, cfg.cluster_secret.clone()),
+            cfg.id,
+            inbound_tx,
+            shutdown.clone(),
+        )
+        .await?;
+        for (&id, &addr) in &cfg.peers {
+            if id != cfg.id {
+                transport.set_peer(id, addr);
+            }
+        }
+        let shared = Arc::new(Shared {
+            id: cfg.id,
+            origin: Instant::now(),
+            view: Mutex::new(View {
+                leader: None,
+                term: node.term(),
+                commit: node.commit_index(),
+                nodes: Vec::new(),
+                shards: Vec::new(),
+                lease: held,
+            }),
+            changes: watch::channel(0).0,
+        });
+        let driver = Driver {
+            grant: Grant(GrantedLease::new(&cfg.lease, 0)?),
+            cfg,
+            node,
+            transport,
+            shared: shared.clone(),
+            in_flight: BTreeMap::new(),
+            last_renew_sent: None,
+            leader: None,
+            published: None,
+        };
+        let id = driver.cfg.id;
+        tokio::spawn(
+            driver
+                .run(inbound_rx, shutdown)
+                .instrument(tracing::info_span!("cluster_node", node = id)),
+        );
+        Ok(ClusterNode { shared })
+    }
+
+    /// What this node knows of the cluster.
+    pub fn status(&self) -> ClusterStatus {
+        let now = self.shared.now_ms();
+        let v = self.shared.view();
+        ClusterStatus {
+            id: self.shared.id,
+            leader: v.leader,
+            term: v.term,
+            commit: v.commit,
+            nodes: v.nodes.clone(),
+            lease_valid: v.lease.is_valid(now),
+        }
+    }
+
+    /// The shard table as applied on this node (index = shard number).
+    pub fn shard_table(&self) -> Vec<ShardEntry> {
+        self.shared.view().shards.clone()
+    }
+
+    /// This node's view for the actors: shards it owns with their epochs, only while its lease is
+    /// valid (empty otherwise).
+    pub fn owned(&self) -> Vec<(u32, u64)> {
+        let now = self.shared.now_ms();
+        let v = self.shared.view();
+        if !v.lease.is_valid(now) {
+            return Vec::new();
+        }
+        owned_in(&v.shards, self.shared.id)
+    }
+
+    /// Ticks whenever [`Self::owned`] may have changed (ownership or lease validity).
+    pub fn changes(&self) -> watch::Receiver<u64> {
+        self.shared.changes.subscribe()
+    }
+}
+
+fn owned_in(shards: &[ShardEntry], id: NodeId) -> Vec<(u32, u64)> {
+    shards
+        .iter()
+        .enumerate()
+        .filter(|(_, s)| s.owner == Some(id))
+        .map(|(i, s)| (i as u32, s.epoch))
+        .collect()
+}
+
+/// A validated lease setting to start [`GrantedLease`]s from.
+struct Grant(GrantedLease);
+
+impl Grant {
+    /// A lease the leader counts from `now` (its own clock).
+    fn fresh(&self, now: u64) -> GrantedLease {
+        let mut g = self.0.clone();
+        g.renewed(now);
+        g
+    }
+}
+
+/// Leader-only bookkeeping, reset at every takeover.
+struct LeaderState {
+    term: u64,
+    /// Per node: its lease as the leader sees it, and the lease number it was last renewed under.
+    granted: BTreeMap<NodeId, (GrantedLease, u64)>,
+    /// Per node: highest applied index it reported in a renewal.
+    acked: BTreeMap<NodeId, u64>,
+    /// Log index of the one admin proposal not applied yet.
+    outstanding: Option<u64>,
+    /// A handoff in progress: the index of the unassignment and the nodes that must apply it.
+    handoff: Option<(u64, BTreeSet<NodeId>)>,
+}
+
+struct Driver {
+    cfg: ClusterConfig,
+    grant: Grant,
+    node: RaftNode<FileLogStore>,
+    transport: Transport,
+    shared: Arc<Shared>,
+    /// Renewal tag → send time (own clock).
+    in_flight: BTreeMap<u64, u64>,
+    last_renew_sent: Option<u64>,
+    leader: Option<LeaderState>,
+    /// (owned, lease valid) as last announced on `changes`.
+    published: Option<(Vec<(u32, u64)>, bool)>,
+}
+
+impl Driver {
+    async fn run(
+        mut self,
+        mut inbound: mpsc::Receiver<(NodeId, Message)>,
+        shutdown: CancellationToken,
+    ) {
+        let mut ticker = tokio::time::interval(Duration::from_millis(self.cfg.tick_ms));
+        ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        info!(node = self.cfg.id, "cluster node running");
+        loop {
+            let ticked = tokio::select! {
+                _ = shutdown.cancelled() => break,
+                _ = ticker.tick() => { self.node.tick(); true }
+                msg = inbound.recv() => match msg {
+                    Some((from, m)) => {
+                        if let Err(e) = self.node.step(m) {
+                            debug!(node = self.cfg.id, peer = from, error = %e, "raft message not stepped");
+                        }
+                        false
+                    }
+                    None => break,
+                },
+            };
+            if let Err(e) = self.round(ticked) {
+                // A lost write cannot be recovered from in place: stop, the data dir restarts us.
+                warn!(node = self.cfg.id, error = %e, "cluster node stops");
+                break;
+            }
+        }
+        info!(node = self.cfg.id, "cluster node stopped");
+    }
+
+    /// One pass after a tick or a message: ready (persist, apply), send, react, publish.
+    fn round(&mut self, ticked: bool) -> Result<(), RaftNodeError> {
+        self.flush()?;
+        if ticked {
+            let now = self.shared.now_ms();
+            self.maybe_renew(now)?;
+            if self.node.is_leader() {
+                self.lead(now)?;
+            } else {
+                self.leader = None;
+            }
+            self.flush()?;
+        }
+        Ok(())
+    }
+
+    /// Persist and apply what raft has, send its messages, note applied renewals, publish.
+    fn flush(&mut self) -> Result<(), RaftNodeError> {
+        let out = self.node.ready()?;
+        for m in out.messages {
+            self.transport.send(m);
+        }
+        let now = self.shared.now_ms();
+        for applied in &out.applied {
+            let AppliedKind::Command(
+                Command::RenewLease {
+                    node,
+                    lease_seq,
+                    renewal,
+                    applied,
+                },
+                outcome,
+            ) = &applied.kind
+            else {
+                continue;
+            };
+            if let Some(l) = self.leader.as_mut() {
+                let acked = l.acked.entry(*node).or_default();
+                *acked = (*acked).max(*applied);
+            }
+            if *outcome != Outcome::Applied {
+                continue;
+            }
+            if *node == self.cfg.id {
+                if let Some(sent_at) = self.in_flight.remove(renewal) {
+                    self.shared.view().lease.renewed(sent_at);
+                }
+            }
+            if let Some(l) = self.leader.as_mut() {
+                match l.granted.get_mut(node) {
+                    Some((g, seq)) => {
+                        g.renewed(now);
+                        *seq = *lease_seq;
+                    }
+                    None => {
+                        l.granted.insert(*node, (self.grant.fresh(now), *lease_seq));
+                    }
+                }
+            }
+        }
+        self.publish(now);
+        Ok(())
+    }
+
+    fn publish(&mut self, now: u64) {
+        let state = self.node.state();
+        let mut v = self.shared.view();
+        v.leader = self.node.leader();
+        v.term = self.node.term();
+        v.commit = self.node.commit_index();
+        if v.shards != state.shards {
+            v.shards = state.shards.clone();
+        }
+        if v.nodes.len() != state.nodes.len()
+            || v.nodes
+                .iter()
+                .zip(&state.nodes)
+                .any(|(a, (id, n))| a.id != *id || a.state != n.state || a.addr != n.addr)
+        {
+            v.nodes = state
+                .nodes
+                .iter()
+                .map(|(id, n)| NodeStatus {
+                    id: *id,
+                    addr: n.addr.clone(),
+                    state: n.state,
+                })
+                .collect();
+        }
+        let now_view = (owned_in(&v.shards, self.cfg.id), v.lease.is_valid(now));
+        drop(v);
+        if self.published.as_ref() != Some(&now_view) {
+            self.published = Some(now_view);
+            self.shared.changes.send_modify(|n| *n = n.wrapping_add(1));
+        }
+    }
+
+    /// Send a renewal when the lease asks for one and none is fresh in flight.
+    fn maybe_renew(&mut self, now: u64) -> Result<(), RaftNodeError> {
+        if !self.shared.view().lease.must_renew(now) {
+            return Ok(());
+        }
+        let retry_after = (self.cfg.lease.renew_every_ms / 2).max(2 * self.cfg.tick_ms);
+        if self
+            .last_renew_sent
+            .is_some_and(|t| now < t.saturating_add(retry_after))
+        {
+            return Ok(());
+        }
+        let Some(leader) = self.node.leader() else {
+            return Ok(());
+        };
+        let state = self.node.state();
+        let renewal = rand::random::<u64>();
+        let cmd = Command::RenewLease {
+            node: self.cfg.id,
+            lease_seq: state.lease_seq(self.cfg.id),
+            renewal,
+            applied: state.applied_index,
+        };
+        self.last_renew_sent = Some(now);
+        if self.in_flight.len() >= MAX_RENEWALS_IN_FLIGHT {
+            // Forget the oldest send: if it still applies, it extends nothing.
+            if let Some((&oldest, _)) = self.in_flight.iter().min_by_key(|(_, &t)| t) {
+                self.in_flight.remove(&oldest);
+            }
+        }
+        self.in_flight.insert(renewal, now);
+        debug!(node = self.cfg.id, leader, "lease renewal proposed");
+        if let Err(e) = self.propose_anywhere(&cmd) {
+            debug!(node = self.cfg.id, error = %e, "lease renewal not proposed");
+        }
+        Ok(())
+    }
+
+    /// Propose from any role: the leader appends, a follower forwards to its leader (raft does).
+    fn propose_anywhere(&mut self, cmd: &Command) -> Result<(), RaftNodeError> {
+        if self.node.is_leader() {
+            return self.node.propose(cmd);
+        }
+        let data = cmd.encode()?;
+        if data.len() as u64 > MAX_COMMAND_BYTES {
+            return Err(RaftNodeError::CommandTooLarge(data.len()));
+        }
+        let mut m = Message::default();
+        m.set_msg_type(MessageType::MsgPropose);
+        m.from = self.cfg.id;
+        m.to = self.cfg.id;
+        m.set_entries(
+            vec![Entry {
+                data: data.into(),
+                ..Entry::default()
+            }]
+            .into(),
+        );
+        self.node.step(m)
+    }
+
+    /// The leader's shard-table upkeep: one admin proposal at a time.
+    fn lead(&mut self, now: u64) -> Result<(), RaftNodeError> {
+        let term = self.node.term();
+        if self.leader.as_ref().is_none_or(|l| l.term != term) {
+            // Takeover: every lease counts from now (obligation 2).
+            let granted = self
+                .node
+                .state()
+                .nodes
+                .keys()
+                .map(|&id| (id, (self.grant.fresh(now), self.node.state().lease_seq(id))))
+                .collect();
+            info!(node = self.cfg.id, term, "leading the control plane");
+            self.leader = Some(LeaderState {
+                term,
+                granted,
+                acked: BTreeMap::new(),
+                outstanding: None,
+                // A handoff the previous leader started may be half done: before giving out any
+                // unowned shard, every live node must have applied the whole log it inherited.
+                handoff: Some((
+                    self.node.last_index(),
+                    self.node.state().nodes.keys().copied().collect(),
+                )),
+            });
+        }
+        let state = self.node.state().clone();
+        let Some(l) = self.leader.as_mut() else {
+            return Ok(());
+        };
+        if l.outstanding.is_some_and(|i| i > state.applied_index) {
+            return Ok(());
+        }
+        l.outstanding = None;
+        // Nodes added since the takeover count from their first sight.
+        for &id in state.nodes.keys() {
+            l.granted
+                .entry(id)
+                .or_insert_with(|| (self.grant.fresh(now), state.lease_seq(id)));
+        }
+        let cmd = next_admin_command(&self.cfg, &state, l, now, self.node.conf_state().voters);
+        let Some(cmd) = cmd else {
+            return Ok(());
+        };
+        debug!(node = self.cfg.id, ?cmd, "leader proposes");
+        self.node.propose(&cmd)?;
+        let index = self.node.last_index();
+        if let Some(l) = self.leader.as_mut() {
+            l.outstanding = Some(index);
+            if let Command::AssignShards { owners } = &cmd {
+                // An unassignment of shards whose owner is live starts a handoff.
+                let released: BTreeSet<NodeId> = state
+                    .shards
+                    .iter()
+                    .zip(owners)
+                    .filter_map(|(s, o)| match (s.owner, o) {
+                        (Some(old), None) => Some(old),
+                        _ => None,
+                    })
+                    .collect();
+                if !released.is_empty() {
+                    l.handoff = Some((index, released));
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The next command the leader should propose, if any (see the module doc for the order).
+fn next_admin_command(
+    cfg: &ClusterConfig,
+    state: &ClusterState,
+    l: &mut LeaderState,
+    now: u64,
+    voters: Vec<NodeId>,
+) -> Option<Command> {
+    if state.n_shards == 0 {
+        return Some(Command::Init {
+            n_shards: cfg.n_shards,
+        });
+    }
+    if let Some(&id) = voters.iter().find(|id| !state.nodes.contains_key(id)) {
+        let addr = cfg
+            .peers
+            .get(&id)
+            .map(|a| a.to_string())
+            .unwrap_or_default();
+        return Some(Command::AddNode { id, addr });
+    }
+    let active = state.active_nodes();
+    let live: Vec<NodeId> = active
+        .iter()
+        .copied()
+        .filter(|id| {
+            l.granted
+                .get(id)
+                .is_some_and(|(g, _)| !g.surely_expired(now))
+        })
+        .collect();
+    // Revoke a surely expired lease before its shards go elsewhere.
+    for id in &active {
+        if let Some((g, seq)) = l.granted.get(id) {
+            if g.surely_expired(now) && state.lease_seq(*id) == *seq {
+                return Some(Command::RevokeLease {
+                    node: *id,
+                    lease_seq: *seq,
+                });
+            }
+        }
+    }
+    // A handoff waits until every old owner applied the unassignment or surely stopped.
+    if let Some((index, owners)) = &l.handoff {
+        let done = owners.iter().all(|o| {
+            l.acked.get(o).is_some_and(|a| a >= index)
+                || (*o == cfg.id && state.applied_index >= *index)
+                || !live.contains(o)
+        });
+        if !done {
+            return None;
+        }
+        l.handoff = None;
+    }
+    let current: Vec<Option<NodeId>> = state.shards.iter().map(|s| s.owner).collect();
+    let plan = allocate(&live, &current);
+    // Shards leaving a live owner for another node are first unassigned (two-step handoff).
+    let step: Vec<Option<NodeId>> = current
+        .iter()
+        .zip(&plan)
+        .map(|(cur, new)| match cur {
+            Some(old) if live.contains(old) && cur != new => None,
+            _ => *new,
+        })
+        .collect();
+    (step != current).then_some(Command::AssignShards { owners: step })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cfg() -> ClusterConfig {
+        let addr: SocketAddr = "127.0.0.1:1".parse().unwrap();
+        ClusterConfig {
+            id: 1,
+            listen: addr,
+            cluster_secret: "s".into(),
+            data_dir: PathBuf::new(),
+            peers: (1..=3).map(|id| (id, addr)).collect(),
+            n_shards: 4,
+            tick_ms: 20,
+            lease: LeaseConfig {
+                lease_ms: 1_000,
+                max_drift_ppm: 0,
+                renew_every_ms: 200,
+            },
+        }
+    }
+
+    fn leader(cfg: &ClusterConfig, live: &[NodeId], now: u64) -> LeaderState {
+        let grant = Grant(GrantedLease::new(&cfg.lease, 0).unwrap());
+        LeaderState {
+            term: 1,
+            granted: live.iter().map(|&id| (id, (grant.fresh(now), 0))).collect(),
+            acked: BTreeMap::new(),
+            outstanding: None,
+            handoff: None,
+        }
+    }
+
+    /// Applies `cmd` at the next index; returns that index.
+    fn apply(state: &mut ClusterState, cmd: &Command) -> u64 {
+        let index = state.applied_index + 1;
+        assert_eq!(state.apply(index, cmd), Outcome::Applied, "{cmd:?}");
+        index
+    }
+
+    #[test]
+    fn a_shard_moves_between_live_nodes_only_after_the_old_owner_applied_its_release() {
+        let cfg = cfg();
+        let mut state = ClusterState::default();
+        let mut l = leader(&cfg, &[1, 2, 3], 0);
+        // Init, then the founding voters, then the first allocation (no owner to wait for).
+        while let Some(cmd) = next_admin_command(&cfg, &state, &mut l, 0, vec![1, 2]) {
+            apply(&mut state, &cmd);
+        }
+        let owners: Vec<_> = state.shards.iter().map(|s| s.owner).collect();
+        assert_eq!(owners, [Some(1), Some(1), Some(2), Some(2)]);
+
+        // Node 3 joins: two shards must leave live owners; first they become unowned.
+        let cmd = next_admin_command(&cfg, &state, &mut l, 0, vec![1, 2, 3]).unwrap();
+        assert_eq!(
+            cmd,
+            Command::AddNode {
+                id: 3,
+                addr: "127.0.0.1:1".into()
+            }
+        );
+        apply(&mut state, &cmd);
+        let cmd = next_admin_command(&cfg, &state, &mut l, 0, vec![1, 2, 3]).unwrap();
+        let Command::AssignShards { owners } = &cmd else {
+            panic!("{cmd:?}")
+        };
+        assert!(owners.iter().all(|o| *o != Some(3)), "{owners:?}");
+        assert_eq!(
+            owners.iter().filter(|o| o.is_none()).count(),
+            1,
+            "{owners:?}"
+        );
+        // 4 shards over 3: node 1 (lower id) keeps the larger share, node 2 gives one up.
+        let from = owners.iter().position(Option::is_none).unwrap();
+        assert_eq!(state.shards[from].owner, Some(2));
+        let release = apply(&mut state, &cmd);
+        // What `lead` records for this proposal.
+        l.handoff = Some((release, [2].into()));
+
+        // No acknowledgement yet, or one from before the release: nothing is given out.
+        assert!(next_admin_command(&cfg, &state, &mut l, 0, vec![1, 2, 3]).is_none());
+        l.acked.insert(2, release - 1);
+        assert!(next_admin_command(&cfg, &state, &mut l, 0, vec![1, 2, 3]).is_none());
+        // Node 2 applied the release: now the shard goes to node 3.
+        l.acked.insert(2, release);
+        let cmd = next_admin_command(&cfg, &state, &mut l, 0, vec![1, 2, 3]).unwrap();
+        let Command::AssignShards { owners } = &cmd else {
+            panic!("{cmd:?}")
+        };
+        assert_eq!(
+            owners.iter().filter(|o| **o == Some(3)).count(),
+            1,
+            "{owners:?}"
+        );
+        assert!(owners.iter().all(Option::is_some));
+    }
+
+    #[test]
+    fn a_dead_node_is_revoked_then_its_shards_go_straight_to_the_living() {
+        let cfg = cfg();
+        let mut state = ClusterState::default();
+        let mut l = leader(&cfg, &[1, 2, 3], 0);
+        while let Some(cmd) = next_admin_command(&cfg, &state, &mut l, 0, vec![1, 2, 3]) {
+            apply(&mut state, &cmd);
+        }
+        let before = state.shards.clone();
+        // Nodes 1 and 2 renewed at 900; node 3 did not. At 1000 its lease has not surely expired.
+        for id in [1, 2] {
+            l.granted.get_mut(&id).unwrap().0.renewed(900);
+        }
+        assert!(next_admin_command(&cfg, &state, &mut l, 1_000, vec![1, 2, 3]).is_none());
+        let cmd = next_admin_command(&cfg, &state, &mut l, 1_001, vec![1, 2, 3]).unwrap();
+        assert_eq!(
+            cmd,
+            Command::RevokeLease {
+                node: 3,
+                lease_seq: 0
+            }
+        );
+        apply(&mut state, &cmd);
+        let cmd = next_admin_command(&cfg, &state, &mut l, 1_001, vec![1, 2, 3]).unwrap();
+        let index = apply(&mut state, &cmd);
+        for (old, new) in before.iter().zip(&state.shards) {
+            assert_ne!(new.owner, Some(3));
+            assert!(new.owner.is_some());
+            if old.owner == Some(3) {
+                assert_eq!(new.epoch, index);
+            } else {
+                assert_eq!(new, old, "shards of live nodes stay put");
+            }
+        }
+    }
+}
