@@ -47,6 +47,15 @@ curl -fsS "$API/healthz" >/dev/null || die "the node did not become healthy; see
 TOKEN_FILE="$NODE_DATA/admin-token"
 TOKEN=$(cat "$TOKEN_FILE")
 
+# Credentials from an earlier run whose node data is gone would never work: start the agent afresh.
+if [ -f "$AGENT_STATE/credentials.json" ]; then
+  OLD=$(python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))["host"])' "$AGENT_STATE/credentials.json")
+  code=$(curl -sS -o /dev/null -w '%{http_code}' -H "Authorization: Bearer $TOKEN" "$API/api/v1/hosts/$OLD" || true)
+  if [ "$code" = 404 ]; then
+    log "the node does not know host $OLD any more: enrolling the agent again"
+    rm -rf "$AGENT_STATE"
+  fi
+fi
 if [ ! -f "$AGENT_STATE/credentials.json" ]; then
   log "enrolling the local agent"
   SECRET=$(curl -fsS -X POST -H "Authorization: Bearer $TOKEN" -H 'content-type: application/json' \
