@@ -43,13 +43,16 @@ use crate::{Shared, PUBLIC_PATHS};
         tokens::revoke_enrollment_token, tokens::create_api_token, tokens::list_api_tokens,
         tokens::revoke_api_token, tokens::list_audit,
         events::events,
+        system::get_cluster,
     ),
     components(schemas(crate::problem::Problem)),
     tags(
         (name = "organizations"), (name = "environments"), (name = "hosts"),
         (name = "resources", description = "The agent's collections, through the host's actor"),
         (name = "changes"), (name = "enrollment"), (name = "tokens"), (name = "audit"),
-        (name = "events"), (name = "system", description = "Public: no token needed"),
+        (name = "events"),
+        (name = "cluster", description = "The control plane: members, leader, shard owners"),
+        (name = "system", description = "Public: no token needed"),
     )
 )]
 struct ApiDoc;
@@ -274,6 +277,7 @@ pub(crate) fn endpoint(
         "revoke_api_token" => on(f, tokens::revoke_api_token),
         "list_audit" => on(f, tokens::list_audit),
         "events" => on(f, events::events),
+        "get_cluster" => on(f, system::get_cluster),
         _ => return None,
     };
     Some(r)

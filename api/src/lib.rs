@@ -109,6 +109,9 @@ impl Default for ApiLimits {
     }
 }
 
+/// What this node knows of the cluster, read fresh on every call.
+pub type ClusterProvider = Arc<dyn Fn() -> views::ClusterView + Send + Sync>;
+
 /// What the API needs from the node.
 pub struct ApiState {
     pub store: Arc<dyn Store>,
@@ -121,6 +124,9 @@ pub struct ApiState {
     pub ready: Arc<dyn Fn() -> bool + Send + Sync>,
     /// The cluster's shard count (fixed for its life).
     pub n_shards: u32,
+    /// Answers `GET /api/v1/cluster` on a member of a Raft cluster; `None` on a single node,
+    /// which answers as the cluster of one ([`views::ClusterView::single_node`]).
+    pub cluster: Option<ClusterProvider>,
     pub limits: ApiLimits,
 }
 

@@ -513,6 +513,75 @@ impl From<AuditEntry> for AuditView {
     }
 }
 
+/// What one node knows of the control-plane cluster (`GET /api/v1/cluster`). A single node is a
+/// cluster of one: it leads, its lease never lapses and it owns every shard at epoch 1.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct ClusterView {
+    /// The node that answered.
+    pub id: u64,
+    /// The leader it knows of, if any.
+    pub leader: Option<u64>,
+    /// Raft term.
+    pub term: u64,
+    /// Raft commit index.
+    pub commit: u64,
+    /// Whether the answering node's lease is valid now (it acts for its shards only then).
+    pub lease_valid: bool,
+    /// The node table, with the shards each node owns.
+    pub nodes: Vec<ClusterNodeView>,
+    /// The shard table, index = shard number.
+    pub shards: Vec<ShardView>,
+}
+
+/// A member of the cluster.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct ClusterNodeView {
+    pub id: u64,
+    /// Address of its Raft transport, as recorded in the node table.
+    pub addr: String,
+    /// `active`, `leaving` or `left`.
+    #[schema(example = "active")]
+    pub state: String,
+    /// The shards it owns.
+    pub shards: Vec<u32>,
+}
+
+/// One shard of the shard table.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct ShardView {
+    pub shard: u32,
+    /// Its owner, if any (none while it is handed off).
+    pub owner: Option<u64>,
+    /// The epoch its owner acts with (grows with every change of owner).
+    pub epoch: u64,
+}
+
+impl ClusterView {
+    /// The cluster of one: node 1 leads and owns every shard at epoch 1.
+    pub fn single_node(n_shards: u32) -> ClusterView {
+        ClusterView {
+            id: 1,
+            leader: Some(1),
+            term: 1,
+            commit: 0,
+            lease_valid: true,
+            nodes: vec![ClusterNodeView {
+                id: 1,
+                addr: String::new(),
+                state: "active".into(),
+                shards: (0..n_shards).collect(),
+            }],
+            shards: (0..n_shards)
+                .map(|shard| ShardView {
+                    shard,
+                    owner: Some(1),
+                    epoch: 1,
+                })
+                .collect(),
+        }
+    }
+}
+
 #[derive(Debug, Serialize, Deserialize, ToSchema)]
 pub struct Health {
     #[schema(example = "ok")]

@@ -38,6 +38,21 @@ pub struct NodeConfig {
     /// `text` or `json`.
     pub log_format: String,
     pub log: String,
+    /// Where records live: `embedded` (default: `<data_dir>/comodit.redb`, one node only) or
+    /// `postgres` (the database at `postgres_url`, which the members of a cluster share).
+    pub store: String,
+    /// `postgres://user:password@host:port/database`; required with `store = "postgres"`.
+    pub postgres_url: Option<String>,
+    /// This node's Raft id (positive). Unset: a single node that owns every shard, as without a
+    /// cluster. Set: a member of the cluster of `cluster_peers`, which needs `store = "postgres"`
+    /// and the other `cluster_*` keys.
+    pub cluster_id: Option<u64>,
+    /// Address the Raft transport listens on (the address peers know this node by).
+    pub cluster_listen: Option<SocketAddr>,
+    /// Shared secret that authenticates the members to each other (at least 16 characters).
+    pub cluster_secret: Option<String>,
+    /// The founding voters, this node included: `id=host:port,...` (their Raft addresses).
+    pub cluster_peers: Option<String>,
 }
 
 impl Default for NodeConfig {
@@ -60,6 +75,12 @@ impl Default for NodeConfig {
             prefetch: 256,
             log_format: "text".into(),
             log: "info".into(),
+            store: "embedded".into(),
+            postgres_url: None,
+            cluster_id: None,
+            cluster_listen: None,
+            cluster_secret: None,
+            cluster_peers: None,
         }
     }
 }
@@ -101,6 +122,18 @@ pub struct Overrides {
     pub log_format: Option<String>,
     #[arg(long, env = "COMODIT_LOG")]
     pub log: Option<String>,
+    #[arg(long, env = "COMODIT_STORE")]
+    pub store: Option<String>,
+    #[arg(long, env = "COMODIT_POSTGRES_URL", hide_env_values = true)]
+    pub postgres_url: Option<String>,
+    #[arg(long, env = "COMODIT_CLUSTER_ID")]
+    pub cluster_id: Option<u64>,
+    #[arg(long, env = "COMODIT_CLUSTER_LISTEN")]
+    pub cluster_listen: Option<SocketAddr>,
+    #[arg(long, env = "COMODIT_CLUSTER_SECRET", hide_env_values = true)]
+    pub cluster_secret: Option<String>,
+    #[arg(long, env = "COMODIT_CLUSTER_PEERS")]
+    pub cluster_peers: Option<String>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -147,7 +180,18 @@ impl NodeConfig {
             offline_after_missed,
             prefetch,
             log_format,
-            log
+            log,
+            store
+        );
+        macro_rules! take_some {
+            ($($f:ident),*) => {$( if let Some(v) = o.$f { cfg.$f = Some(v); } )*};
+        }
+        take_some!(
+            postgres_url,
+            cluster_id,
+            cluster_listen,
+            cluster_secret,
+            cluster_peers
         );
         cfg.validate()?;
         Ok(cfg)
@@ -184,7 +228,75 @@ impl NodeConfig {
         if !matches!(self.log_format.as_str(), "text" | "json") {
             return invalid("log_format", "text or json");
         }
+        match self.store.as_str() {
+            "embedded" => {}
+            "postgres" => match &self.postgres_url {
+                Some(u) if u.starts_with("postgres://") || u.starts_with("postgresql://") => {}
+                Some(_) => return invalid("postgres_url", "must start with postgres://"),
+                None => return invalid("postgres_url", "required with store = \"postgres\""),
+            },
+            _ => return invalid("store", "embedded or postgres"),
+        }
+        if self.cluster_id.is_some() {
+            self.cluster_membership()?;
+        }
         Ok(())
+    }
+
+    /// The cluster membership when `cluster_id` is set: this node's id, Raft address, secret and
+    /// the founding voters (this node among them). `None` on a single node.
+    #[allow(clippy::type_complexity)]
+    pub fn cluster_membership(
+        &self,
+    ) -> Result<
+        Option<(
+            u64,
+            SocketAddr,
+            String,
+            std::collections::BTreeMap<u64, SocketAddr>,
+        )>,
+        ConfigError,
+    > {
+        let Some(id) = self.cluster_id else {
+            return Ok(None);
+        };
+        let invalid = |field, reason: &str| ConfigError::Invalid {
+            field,
+            reason: reason.into(),
+        };
+        if id == 0 {
+            return Err(invalid("cluster_id", "must be positive"));
+        }
+        if self.store != "postgres" {
+            return Err(invalid(
+                "store",
+                "the members of a cluster share one database: store must be postgres",
+            ));
+        }
+        let listen = self
+            .cluster_listen
+            .ok_or_else(|| invalid("cluster_listen", "required with cluster_id"))?;
+        let secret = match &self.cluster_secret {
+            Some(s) if s.len() >= 16 => s.clone(),
+            _ => {
+                return Err(invalid(
+                    "cluster_secret",
+                    "required with cluster_id, at least 16 characters",
+                ))
+            }
+        };
+        let peers = crate::cluster::parse_peers(
+            self.cluster_peers
+                .as_deref()
+                .ok_or_else(|| invalid("cluster_peers", "required with cluster_id"))?,
+        )?;
+        if !peers.contains_key(&id) {
+            return Err(invalid(
+                "cluster_peers",
+                "must include this node's cluster_id",
+            ));
+        }
+        Ok(Some((id, listen, secret, peers)))
     }
 
     pub fn names(&self) -> comodit_protocol::Names {
@@ -227,6 +339,74 @@ mod tests {
         std::fs::write(&path, "n_shard = 16\n").unwrap();
         let err = NodeConfig::load(Some(&path), &Overrides::default()).unwrap_err();
         assert!(err.to_string().contains("n_shard"), "{err}");
+    }
+
+    #[test]
+    fn store_and_cluster_keys_are_checked() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("node.toml");
+        std::fs::write(
+            &path,
+            "store = \"postgres\"\npostgres_url = \"postgres://u:p@127.0.0.1/db\"\n\
+             cluster_id = 2\ncluster_listen = \"127.0.0.1:7002\"\n\
+             cluster_secret = \"0123456789abcdef\"\n\
+             cluster_peers = \"1=127.0.0.1:7001,2=127.0.0.1:7002\"\n",
+        )
+        .unwrap();
+        let cfg = NodeConfig::load(Some(&path), &Overrides::default()).unwrap();
+        let (id, listen, _, peers) = cfg.cluster_membership().unwrap().unwrap();
+        assert_eq!((id, listen.port(), peers.len()), (2, 7002, 2));
+        assert!(NodeConfig::default()
+            .cluster_membership()
+            .unwrap()
+            .is_none());
+
+        let refused = |cfg: NodeConfig, field: &str| {
+            let err = cfg.validate().unwrap_err().to_string();
+            assert!(err.contains(field), "{field}: {err}");
+        };
+        refused(
+            NodeConfig {
+                store: "sqlite".into(),
+                ..Default::default()
+            },
+            "store",
+        );
+        refused(
+            NodeConfig {
+                store: "postgres".into(),
+                ..Default::default()
+            },
+            "postgres_url",
+        );
+        refused(
+            NodeConfig {
+                cluster_id: Some(3),
+                ..cfg.clone()
+            },
+            "cluster_peers",
+        );
+        refused(
+            NodeConfig {
+                store: "embedded".into(),
+                ..cfg.clone()
+            },
+            "store",
+        );
+        refused(
+            NodeConfig {
+                cluster_secret: Some("short".into()),
+                ..cfg.clone()
+            },
+            "cluster_secret",
+        );
+        refused(
+            NodeConfig {
+                cluster_listen: None,
+                ..cfg
+            },
+            "cluster_listen",
+        );
     }
 
     #[test]

@@ -4,15 +4,20 @@
 //! one: it owns every shard through [`comodit_actors::ownership::SingleNode`] (the cluster issue backs
 //! the same interface with Raft).
 //!
-//! Start-up, in order: the embedded store (`<data_dir>/comodit.redb`) → first-start bootstrap (an admin
-//! API token written to `<data_dir>/admin-token`, 0600; a `default` organization and environment) →
-//! the Prometheus recorder → the broker connection, which declares the topology of DESIGN §5 on every
+//! With `cluster_id` set, the node is instead a member of a Raft cluster ([`cluster`]): the
+//! members share a PostgreSQL store and each acts only for the shards the cluster gives it.
+//!
+//! Start-up, in order: the store (embedded `<data_dir>/comodit.redb`, or PostgreSQL) → first-start
+//! bootstrap (an admin API token written to `<data_dir>/admin-token`, 0600, by whichever node finds
+//! the store without tokens; a `default` organization and environment) → the cluster member, if
+//! configured → the Prometheus recorder → the broker connection, which declares the topology of DESIGN §5 on every
 //! (re)connect → the host actors ([`comodit_actors::Orchestrator`]) consuming the shard queues → the
 //! enrollment service on `<prefix>.enroll` → the REST API.
 //!
 //! Shutdown ([`run`]'s `shutdown` token), in reverse: the API stops accepting and finishes in-flight
 //! requests, the actors stop consuming and finish in-flight work, then the broker connection closes.
 
+pub mod cluster;
 pub mod config;
 pub mod enroll;
 
@@ -21,10 +26,11 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use chrono::Utc;
-use comodit_actors::ownership::SingleNode;
+use comodit_actors::ownership::{Ownership, SingleNode};
 use comodit_actors::{ActorsConfig, Orchestrator};
 use comodit_bus::{Bus, BusConfig};
 use comodit_store::embedded::EmbeddedStore;
+use comodit_store::postgres::PgStore;
 use comodit_store::{
     ApiToken, EnvId, Environment, OrgId, Organization, Page, Role, Scope, Store, TokenId,
 };
@@ -56,7 +62,14 @@ pub enum NodeError {
     },
     #[error("metrics: {0}")]
     Metrics(String),
+    #[error("config: {0}")]
+    Config(#[from] config::ConfigError),
+    #[error("cluster: {0}")]
+    Cluster(#[from] comodit_cluster::runtime::ClusterError),
 }
+
+/// Connections of the PostgreSQL pool.
+const PG_MAX_CONNECTIONS: usize = 16;
 
 /// Where the first admin token is written.
 pub fn admin_token_path(data_dir: &Path) -> PathBuf {
@@ -152,9 +165,38 @@ pub async fn run(
     let span = tracing::info_span!("node", prefix = names.prefix());
     let _guard = span.enter();
 
-    let store: Arc<dyn Store> =
-        Arc::new(EmbeddedStore::open(&config.data_dir.join("comodit.redb"))?);
+    let store: Arc<dyn Store> = match (config.store.as_str(), &config.postgres_url) {
+        ("postgres", Some(url)) => Arc::new(PgStore::connect(url, PG_MAX_CONNECTIONS).await?),
+        _ => Arc::new(EmbeddedStore::open(&config.data_dir.join("comodit.redb"))?),
+    };
     bootstrap(store.as_ref(), &config.data_dir).await?;
+
+    // A member of a cluster acts for the shards Raft gives it; a single node owns them all.
+    let (ownership, cluster): (Arc<dyn Ownership>, Option<comodit_api::ClusterProvider>) =
+        match config.cluster_membership()? {
+            None => (Arc::new(SingleNode::new(config.n_shards)), None),
+            Some((id, listen, secret, peers)) => {
+                let node = comodit_cluster::runtime::ClusterNode::start(
+                    cluster::cluster_config(
+                        id,
+                        listen,
+                        &secret,
+                        peers,
+                        &config.data_dir,
+                        config.n_shards,
+                    ),
+                    shutdown.clone(),
+                )
+                .await?;
+                tracing::info!(cluster_id = id, cluster_listen = %listen, "cluster member started");
+                let view = node.clone();
+                (
+                    Arc::new(cluster::ClusterOwnership::new(node, config.n_shards)),
+                    Some(Arc::new(move || cluster::status_view(&view))
+                        as comodit_api::ClusterProvider),
+                )
+            }
+        };
 
     // The broker connection outlives `shutdown` until the actors have finished in-flight work.
     let bus_stop = CancellationToken::new();
@@ -178,7 +220,6 @@ pub async fn run(
         .await
         .map_err(|e| NodeError::Bus(e.to_string()))?;
 
-    let ownership = Arc::new(SingleNode::new(config.n_shards));
     let orchestrator = Orchestrator::start(
         ActorsConfig {
             command_timeout: Duration::from_secs(config.command_timeout_s),
@@ -232,6 +273,7 @@ pub async fn run(
         metrics,
         ready,
         n_shards: config.n_shards,
+        cluster,
         limits: Default::default(),
     });
     let listener = tokio::net::TcpListener::bind(config.listen)

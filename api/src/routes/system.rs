@@ -1,4 +1,5 @@
-//! Public routes: liveness, readiness, metrics and the OpenAPI document. No token needed.
+//! Public routes: liveness, readiness, metrics and the OpenAPI document (no token needed); and the
+//! cluster status, which needs a token.
 
 use std::sync::Arc;
 
@@ -8,7 +9,7 @@ use axum::response::{IntoResponse, Response};
 use axum::Json;
 
 use crate::problem::ApiError;
-use crate::views::Health;
+use crate::views::{ClusterView, Health};
 use crate::Shared;
 
 /// The process is up and serving HTTP.
@@ -65,4 +66,16 @@ pub async fn openapi_json(State(app): State<Arc<Shared>>) -> Response {
         app.openapi_json.clone(),
     )
         .into_response()
+}
+
+/// What this node knows of the control-plane cluster: members and their state, the leader, term
+/// and commit index, whether this node's lease is valid, and who owns which shard at which epoch.
+/// Any token may read it. A single node answers as a cluster of one owning every shard.
+#[utoipa::path(get, path = "/api/v1/cluster", tag = "cluster",
+    responses((status = 200, description = "This node's view of the cluster", body = ClusterView)))]
+pub async fn get_cluster(State(app): State<Arc<Shared>>) -> Json<ClusterView> {
+    Json(match &app.state.cluster {
+        Some(provider) => provider(),
+        None => ClusterView::single_node(app.state.n_shards),
+    })
 }

@@ -270,6 +270,7 @@ impl TestApp {
             metrics: metrics_handle(),
             ready: Arc::new(move || r.load(std::sync::atomic::Ordering::SeqCst)),
             n_shards: N_SHARDS,
+            cluster: None,
             limits,
         };
         let app = TestApp {

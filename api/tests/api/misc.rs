@@ -488,3 +488,30 @@ async fn serves_over_a_real_listener() {
     assert!(seen.starts_with("HTTP/1.1 200"), "{seen}");
     server.abort();
 }
+
+#[tokio::test]
+async fn a_single_node_reports_a_cluster_of_one_to_any_reader() {
+    let app = TestApp::new().await;
+    let (org, _env, _host) = app.fleet().await;
+    let viewer = app
+        .token("cluster-viewer", Role::Viewer, Scope::Org { org: org.id })
+        .await;
+    for token in [app.admin.clone(), viewer] {
+        let r = app
+            .call(Method::GET, "/api/v1/cluster", Some(&token), None)
+            .await;
+        assert_eq!(r.status, StatusCode::OK, "{}", r.text);
+        let v = r.json();
+        assert_eq!((v["id"].clone(), v["leader"].clone()), (json!(1), json!(1)));
+        assert_eq!(v["lease_valid"], true);
+        let shards = v["shards"].as_array().unwrap();
+        assert_eq!(shards.len(), crate::common::N_SHARDS as usize);
+        assert!(shards.iter().all(|s| s["owner"] == 1 && s["epoch"] == 1));
+        let nodes = v["nodes"].as_array().unwrap();
+        assert_eq!(nodes.len(), 1);
+        assert_eq!(
+            nodes[0]["shards"].as_array().unwrap().len(),
+            crate::common::N_SHARDS as usize
+        );
+    }
+}

@@ -81,6 +81,8 @@ pub struct Node {
     pub port: u16,
     pub proc: Option<Proc>,
     pub token: String,
+    /// Extra `COMODIT_*` variables, set after (so over) the rig's defaults.
+    pub env: Vec<(String, String)>,
     http: ureq::Agent,
 }
 
@@ -94,14 +96,20 @@ pub fn free_port() -> u16 {
 
 impl Node {
     pub fn start() -> Node {
+        Node::start_with(&comodit_testkit::unique_prefix(), Vec::new())
+    }
+
+    /// A node on `prefix` with extra environment `env`. When the store is shared and another node
+    /// bootstrapped it, this node writes no admin token: `token` stays empty (set it yourself).
+    pub fn start_with(prefix: &str, env: Vec<(String, String)>) -> Node {
         let dir = tempfile::tempdir().unwrap();
-        let prefix = comodit_testkit::unique_prefix();
         let mut node = Node {
             dir,
-            prefix,
+            prefix: prefix.to_owned(),
             port: free_port(),
             proc: None,
             token: String::new(),
+            env,
             http: ureq::Agent::config_builder()
                 .http_status_as_error(false)
                 .timeout_global(Some(Duration::from_secs(90)))
@@ -134,6 +142,7 @@ impl Node {
             .env("COMODIT_ENROLL_USER", self.enroll_user())
             .env("COMODIT_ENROLL_PASSWORD", "enroll-secret")
             .env("COMODIT_LOG", "info,comodit=debug")
+            .envs(self.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
             .stdout(Stdio::null())
             .stderr(out)
             .spawn()
@@ -156,10 +165,10 @@ impl Node {
             );
             std::thread::sleep(Duration::from_millis(50));
         }
-        self.token = std::fs::read_to_string(self.dir.path().join("data/admin-token"))
-            .expect("admin token written")
-            .trim()
-            .to_owned();
+        match std::fs::read_to_string(self.dir.path().join("data/admin-token")) {
+            Ok(t) => self.token = t.trim().to_owned(),
+            Err(e) => assert!(!self.env.is_empty(), "admin token not written: {e}"),
+        }
     }
 
     pub fn stop(&mut self) {
