@@ -64,6 +64,8 @@ enum Verb {
     Tokens(Tokens),
     /// Stream node events (host online/offline, change status, drift) until interrupted.
     Events,
+    /// The cluster: nodes, leader, term, leases and the shard table.
+    Cluster,
     /// The audit log (admin).
     Audit {
         #[arg(long)]
@@ -517,6 +519,7 @@ fn run(cli: Cli) -> anyhow::Result<Option<Value>> {
         Verb::Tokens(Tokens::Revoke { id }) => {
             api.call("DELETE", &format!("/tokens/{}", enc(&id)), None)?
         }
+        Verb::Cluster => api.call("GET", "/cluster", None)?,
         Verb::Audit { cursor } => api.call(
             "GET",
             &format!("/audit{}", query(&[("cursor", cursor)])),
