@@ -13,6 +13,13 @@ pub trait Ownership: Send + Sync + 'static {
     fn owned(&self) -> Vec<(Shard, Epoch)>;
     /// The epoch to act with for `shard`, if this node owns it and its lease is valid now.
     fn epoch(&self, shard: Shard) -> Option<Epoch>;
+    /// The epoch of `shard`'s current assignment in the replicated table, whoever owns it (this
+    /// node or another); `None` when unknown or unassigned. A non-owner appends a change with it
+    /// (the store's fence accepts the owner's current epoch) and kicks the host's stream, which the
+    /// owner consumes. A cluster of one knows only its own shards.
+    fn table_epoch(&self, shard: Shard) -> Option<Epoch> {
+        self.epoch(shard)
+    }
     /// Ticks whenever ownership or lease validity changes.
     fn changes(&self) -> watch::Receiver<u64>;
 }

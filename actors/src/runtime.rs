@@ -15,6 +15,7 @@
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use actix::{Addr, MailboxError};
 use actix_rt::{Arbiter, ArbiterHandle, System};
@@ -323,6 +324,28 @@ impl Orchestrator {
     }
 }
 
+/// How often a non-owner reads a change it submitted, waiting for the owner to finish it.
+const REMOTE_POLL: Duration = Duration::from_millis(20);
+
+/// Waits up to `wait` for another node's actor to finish `change`, reading it from the store (the
+/// in-process waiters only see this node's actors).
+async fn poll_outcome(core: &Core, change: Change, wait: Duration) -> Result<Submitted, OpsError> {
+    let deadline = tokio::time::Instant::now() + wait;
+    let mut last = change;
+    loop {
+        if let Some(now) = core.store.get_change(last.host, last.id).await? {
+            last = now;
+        }
+        if !last.status.is_pending() {
+            return Ok(Submitted::Completed(last));
+        }
+        if tokio::time::Instant::now() >= deadline || core.stopping.is_cancelled() {
+            return Ok(Submitted::Pending(last));
+        }
+        tokio::time::sleep(REMOTE_POLL.min(deadline - tokio::time::Instant::now())).await;
+    }
+}
+
 async fn watch_ownership(orchestrator: Orchestrator, shutdown: CancellationToken) {
     let core = orchestrator.core.clone();
     let mut changes = core.ownership.changes();
@@ -360,10 +383,17 @@ impl HostOps for Orchestrator {
             return Err(OpsError::UnknownHost(host));
         }
         let shard = host.shard(core.n_shards);
-        let epoch = core
-            .ownership
-            .epoch(shard)
-            .ok_or(OpsError::NotOwner(host))?;
+        // The owner acts with its own epoch; another node submits with the epoch of the shard's
+        // current assignment and lets the owner's actor pick the change up from its kick.
+        let (epoch, local) = match core.ownership.epoch(shard) {
+            Some(e) => (e, true),
+            None => (
+                core.ownership
+                    .table_epoch(shard)
+                    .ok_or(OpsError::NotOwner(host))?,
+                false,
+            ),
+        };
         let now = Utc::now();
         let ttl = chrono::Duration::from_std(opts.ttl)
             .map_err(|_| StoreError::Invalid(format!("ttl too large: {:?}", opts.ttl)))?;
@@ -406,6 +436,14 @@ impl HostOps for Orchestrator {
             seq: change.seq,
             status: change.status,
         });
+        if !local {
+            debug!(host_id = %host, shard = shard.0, epoch = epoch.0, change = %change.id, "submitted for another node's shard");
+            self.kick(host).await;
+            return match opts.wait {
+                None => Ok(Submitted::Pending(change)),
+                Some(wait) => poll_outcome(&core, change, wait).await,
+            };
+        }
         let waiter = opts.wait.map(|wait| {
             let (tx, rx) = oneshot::channel();
             core.waiters

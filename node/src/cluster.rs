@@ -122,6 +122,17 @@ impl Ownership for ClusterOwnership {
             .map(|(_, e)| e)
     }
 
+    fn table_epoch(&self, shard: Shard) -> Option<Epoch> {
+        if shard.0 >= self.n_shards {
+            return None;
+        }
+        self.node
+            .shard_table()
+            .get(shard.0 as usize)
+            .filter(|s| s.owner.is_some() && s.epoch > 0)
+            .map(|s| Epoch(s.epoch))
+    }
+
     fn changes(&self) -> watch::Receiver<u64> {
         self.node.changes()
     }
