@@ -28,9 +28,9 @@ pub const TICK_MS: u64 = 100;
 
 /// The lease every member holds on its shards (see `comodit_cluster::lease`).
 pub const LEASE: LeaseConfig = LeaseConfig {
-    lease_ms: 6_000,
+    lease_ms: 3_000,
     max_drift_ppm: 1_000,
-    renew_every_ms: 1_000,
+    renew_every_ms: 500,
 };
 
 /// Parses `cluster_peers`: `id=host:port` entries separated by commas (whitespace around entries
