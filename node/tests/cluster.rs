@@ -12,7 +12,7 @@ mod common;
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
-use common::{free_port, tail, Agent, Node};
+use common::{free_port, tail, Agent, Node, Proxy};
 use serde_json::{json, Value};
 
 const N_SHARDS: usize = 12;
@@ -84,8 +84,7 @@ fn same_leader(views: &[Value], ids: &[u64]) -> Result<u64, String> {
 /// Three members on a fresh PostgreSQL database and one broker prefix, started one after the other
 /// (the first bootstraps the shared store and writes the admin token every node then uses).
 fn start_cluster() -> (Vec<Node>, comodit_testkit::PgDatabase) {
-    let (pg_url, db) = comodit_testkit::fresh_pg_database();
-    let prefix = comodit_testkit::unique_prefix();
+    let _ports = ports_lock();
     let raft_ports: Vec<u16> = (0..3).map(|_| free_port()).collect();
     let peers = raft_ports
         .iter()
@@ -93,6 +92,24 @@ fn start_cluster() -> (Vec<Node>, comodit_testkit::PgDatabase) {
         .map(|(i, p)| format!("{}=127.0.0.1:{p}", i + 1))
         .collect::<Vec<_>>()
         .join(",");
+    start_cluster_with(&raft_ports, |_| peers.clone())
+}
+
+/// Held from picking free ports until they are bound (and while a restarted node's ports are
+/// free): the tests of this binary run side by side, and one test's proxies or nodes must not take
+/// a port another test picked but has not bound yet.
+fn ports_lock() -> std::sync::MutexGuard<'static, ()> {
+    static PORTS: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    PORTS.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// [`start_cluster`] with the Raft ports `raft_ports` and node `id`'s peer list from `peers_of(id)`.
+fn start_cluster_with(
+    raft_ports: &[u16],
+    peers_of: impl Fn(usize) -> String,
+) -> (Vec<Node>, comodit_testkit::PgDatabase) {
+    let (pg_url, db) = comodit_testkit::fresh_pg_database();
+    let prefix = comodit_testkit::unique_prefix();
     let env = |id: usize| -> Vec<(String, String)> {
         [
             ("COMODIT_STORE", "postgres".to_owned()),
@@ -107,7 +124,7 @@ fn start_cluster() -> (Vec<Node>, comodit_testkit::PgDatabase) {
                 "COMODIT_CLUSTER_SECRET",
                 "test-cluster-secret-0123".to_owned(),
             ),
-            ("COMODIT_CLUSTER_PEERS", peers.clone()),
+            ("COMODIT_CLUSTER_PEERS", peers_of(id)),
         ]
         .into_iter()
         .map(|(k, v)| (k.to_owned(), v))
@@ -345,4 +362,212 @@ fn a_survivor_reaches_the_host_after_its_owner_is_killed() {
     };
     eprintln!("failover: {} ms", killed.elapsed().as_millis());
     assert_ne!(owner_of(survivor, &host), victim, "{last}");
+}
+
+/// Views of `nodes` sampled one after the other.
+fn sample(nodes: &[&Node]) -> Vec<Value> {
+    nodes
+        .iter()
+        .map(|n| {
+            let (status, body) = n.api("GET", "/cluster", None);
+            assert_eq!(status, 200, "{body}");
+            body
+        })
+        .collect()
+}
+
+#[test]
+fn a_cut_off_node_stops_acting_before_its_shards_are_reassigned() {
+    // One proxy per directed link: `links[(from, to)]` is what `from` dials to reach `to`.
+    let ports = ports_lock();
+    let raft_ports: Vec<u16> = (0..3).map(|_| free_port()).collect();
+    let mut links: BTreeMap<(usize, usize), Proxy> = BTreeMap::new();
+    for from in 1..=3 {
+        for to in (1..=3).filter(|&t| t != from) {
+            let upstream = format!("127.0.0.1:{}", raft_ports[to - 1]).parse().unwrap();
+            links.insert((from, to), Proxy::start(upstream));
+        }
+    }
+    let peers_of = |id: usize| -> String {
+        (1..=3)
+            .map(|to| {
+                let addr = if to == id {
+                    format!("127.0.0.1:{}", raft_ports[to - 1])
+                } else {
+                    links[&(id, to)].addr.to_string()
+                };
+                format!("{to}={addr}")
+            })
+            .collect::<Vec<_>>()
+            .join(",")
+    };
+    let (nodes, _db) = start_cluster_with(&raft_ports, peers_of);
+    drop(ports);
+    let all: Vec<&Node> = nodes.iter().collect();
+    let views = wait_balanced(&all);
+    let leader = same_leader(&views, &[1, 2, 3]).unwrap();
+    let x = [1u64, 2, 3].into_iter().find(|&id| id != leader).unwrap();
+    let x_shards = owners(&views[0])[&x].clone();
+    let x_node = &nodes[x as usize - 1];
+    let majority: Vec<&Node> = nodes
+        .iter()
+        .enumerate()
+        .filter(|(i, _)| *i as u64 + 1 != x)
+        .map(|(_, n)| n)
+        .collect();
+
+    // Cut X off: every link into it and out of it.
+    for ((from, to), p) in &links {
+        if *from as u64 == x || *to as u64 == x {
+            p.set(false);
+        }
+    }
+    let cut = Instant::now();
+
+    // The majority's view is sampled before X's: a reassignment seen at t1 must find X already
+    // without a lease at t2 > t1.
+    let mut x_stopped: Option<Duration> = None;
+    let mut reassigned: Option<Duration> = None;
+    let mut samples = 0u32;
+    while reassigned.is_none() {
+        let m = sample(&majority);
+        let xv = sample(&[x_node]).remove(0);
+        let at = cut.elapsed();
+        samples += 1;
+        let moved: Vec<u64> = m
+            .iter()
+            .flat_map(|v| {
+                x_shards
+                    .iter()
+                    .filter(|&&s| v["shards"][s as usize]["owner"].as_u64() != Some(x))
+                    .copied()
+                    .collect::<Vec<_>>()
+            })
+            .collect();
+        let x_valid = xv["lease_valid"] == true;
+        if !x_valid && x_stopped.is_none() {
+            x_stopped = Some(at);
+        }
+        assert!(
+            !x_valid || moved.is_empty(),
+            "at {at:?} the majority reassigned {moved:?} while node {x} still holds a valid lease:\n{xv:#}\n{m:#?}"
+        );
+        if !moved.is_empty() {
+            reassigned = Some(at);
+            assert!(
+                x_stopped.is_some_and(|s| s < at),
+                "node {x} stopped at {x_stopped:?}, not strictly before its shards moved at {at:?}"
+            );
+        }
+        assert!(
+            at < DEADLINE,
+            "no reassignment within {DEADLINE:?}: X {xv:#}\nmajority {m:#?}\n{}",
+            tail(&x_node.log())
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let (stopped, moved) = (x_stopped.unwrap(), reassigned.unwrap());
+    eprintln!(
+        "partition of node {x}: lease invalid at {} ms, first shard reassigned at {} ms \
+         (gap {} ms, {samples} samples)",
+        stopped.as_millis(),
+        moved.as_millis(),
+        (moved - stopped).as_millis()
+    );
+    // While cut off, X never gets its lease back.
+    let xv = sample(&[x_node]).remove(0);
+    assert_eq!(xv["lease_valid"], false, "{xv:#}");
+
+    // Heal: X catches up and, after rebalance, owns shards again under a valid lease.
+    for p in links.values() {
+        p.set(true);
+    }
+    let healed = Instant::now();
+    let views = wait_views("the healed node owning shards again", &all, |views| {
+        same_leader(views, &[1, 2, 3])?;
+        let xv = &views[x as usize - 1];
+        if xv["lease_valid"] != true {
+            return Err(format!("node {x} has no valid lease"));
+        }
+        for v in views {
+            if owners(v).get(&x).is_none_or(|s| s.is_empty()) {
+                return Err(format!("node {} sees no shard on node {x}", v["id"]));
+            }
+        }
+        Ok(())
+    });
+    eprintln!(
+        "healed node {x} owns {:?} again after {} ms",
+        owners(&views[x as usize - 1])[&x],
+        healed.elapsed().as_millis()
+    );
+    drop(nodes);
+    drop(links);
+}
+
+#[test]
+fn a_restarted_follower_rejoins_from_its_raft_state() {
+    let (mut nodes, _db) = start_cluster();
+    let views = wait_balanced(&nodes.iter().collect::<Vec<_>>());
+    let leader = same_leader(&views, &[1, 2, 3]).unwrap();
+    let f = [1u64, 2, 3].into_iter().find(|&id| id != leader).unwrap();
+    let before_epochs = epochs(&views[0]);
+
+    // Its ports stay free from the stop to the restart: no other test may pick them meanwhile.
+    let ports = ports_lock();
+    nodes[f as usize - 1].stop();
+    // Its shards leave it first, so whatever it gets back is a new grant.
+    {
+        let survivors: Vec<&Node> = nodes
+            .iter()
+            .enumerate()
+            .filter(|(i, _)| *i as u64 + 1 != f)
+            .map(|(_, n)| n)
+            .collect();
+        wait_views("the stopped node's shards moved", &survivors, |views| {
+            for v in views {
+                if owners(v).contains_key(&f) {
+                    return Err(format!("node {} still sees shards on node {f}", v["id"]));
+                }
+            }
+            Ok(())
+        });
+    }
+    let raft_dir = nodes[f as usize - 1].dir.path().join("data/raft");
+    assert!(raft_dir.exists(), "{} kept", raft_dir.display());
+    nodes[f as usize - 1].spawn();
+    drop(ports);
+    let restarted = Instant::now();
+
+    let all: Vec<&Node> = nodes.iter().collect();
+    let views = wait_views("the restarted node owning shards again", &all, |views| {
+        let l = same_leader(views, &[1, 2, 3])?;
+        if l != leader {
+            return Err(format!("leader {l}, was {leader}"));
+        }
+        let v = &views[f as usize - 1];
+        if v["lease_valid"] != true {
+            return Err(format!("node {f} has no valid lease"));
+        }
+        let mine = owners(v).get(&f).cloned().unwrap_or_default();
+        if mine.is_empty() {
+            return Err(format!("node {f} owns nothing"));
+        }
+        Ok(())
+    });
+    let v = &views[f as usize - 1];
+    let mine = owners(v)[&f].clone();
+    let after = epochs(v);
+    for &s in &mine {
+        assert!(
+            after[s as usize] > before_epochs[s as usize],
+            "shard {s}: epoch {} after the restart, {} before",
+            after[s as usize],
+            before_epochs[s as usize]
+        );
+    }
+    eprintln!(
+        "restarted node {f}: leader {leader} kept, owns {mine:?} after {} ms",
+        restarted.elapsed().as_millis()
+    );
 }

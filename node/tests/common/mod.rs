@@ -379,3 +379,116 @@ impl Drop for Agent {
         let _ = &self.prefix;
     }
 }
+
+/// A TCP proxy on 127.0.0.1:0 in front of `upstream`, with a switch: while off it drops every
+/// connection it carries and closes new ones as soon as they are accepted — to the dialer, the link
+/// is down. Closed (threads joined) on drop.
+pub struct Proxy {
+    pub addr: std::net::SocketAddr,
+    shared: std::sync::Arc<ProxyShared>,
+    accept: Option<std::thread::JoinHandle<()>>,
+}
+
+struct ProxyShared {
+    on: std::sync::atomic::AtomicBool,
+    closed: std::sync::atomic::AtomicBool,
+    /// Both ends of every connection carried, to cut them.
+    conns: std::sync::Mutex<Vec<std::net::TcpStream>>,
+}
+
+impl ProxyShared {
+    fn cut_all(&self) {
+        let mut conns = self.conns.lock().unwrap_or_else(|e| e.into_inner());
+        for c in conns.drain(..) {
+            let _ = c.shutdown(std::net::Shutdown::Both);
+        }
+    }
+}
+
+impl Proxy {
+    pub fn start(upstream: std::net::SocketAddr) -> Proxy {
+        use std::sync::atomic::Ordering;
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        let shared = std::sync::Arc::new(ProxyShared {
+            on: std::sync::atomic::AtomicBool::new(true),
+            closed: std::sync::atomic::AtomicBool::new(false),
+            conns: std::sync::Mutex::new(Vec::new()),
+        });
+        let s = shared.clone();
+        let accept = std::thread::spawn(move || {
+            for down in listener.incoming() {
+                if s.closed.load(Ordering::SeqCst) {
+                    return;
+                }
+                let Ok(down) = down else { continue };
+                if !s.on.load(Ordering::SeqCst) {
+                    drop(down);
+                    continue;
+                }
+                let Ok(up) =
+                    std::net::TcpStream::connect_timeout(&upstream, Duration::from_secs(2))
+                else {
+                    continue;
+                };
+                let (Ok(d2), Ok(u2), Ok(d3), Ok(u3)) = (
+                    down.try_clone(),
+                    up.try_clone(),
+                    down.try_clone(),
+                    up.try_clone(),
+                ) else {
+                    continue;
+                };
+                {
+                    let mut conns = s.conns.lock().unwrap_or_else(|e| e.into_inner());
+                    // Switched off meanwhile: do not carry it.
+                    if !s.on.load(Ordering::SeqCst) {
+                        continue;
+                    }
+                    conns.push(d3);
+                    conns.push(u3);
+                }
+                std::thread::spawn(move || pipe(down, up));
+                std::thread::spawn(move || pipe(u2, d2));
+            }
+        });
+        Proxy {
+            addr,
+            shared,
+            accept: Some(accept),
+        }
+    }
+
+    /// Turns the link on (new connections are carried) or off (all of them dropped).
+    pub fn set(&self, on: bool) {
+        let _guard = self.shared.conns.lock().unwrap_or_else(|e| e.into_inner());
+        self.shared
+            .on
+            .store(on, std::sync::atomic::Ordering::SeqCst);
+        drop(_guard);
+        if !on {
+            self.shared.cut_all();
+        }
+    }
+}
+
+/// Copies `from` → `to` until either side closes, then closes both.
+fn pipe(mut from: std::net::TcpStream, mut to: std::net::TcpStream) {
+    let _ = std::io::copy(&mut from, &mut to);
+    let _ = from.shutdown(std::net::Shutdown::Both);
+    let _ = to.shutdown(std::net::Shutdown::Both);
+}
+
+impl Drop for Proxy {
+    fn drop(&mut self) {
+        self.shared
+            .closed
+            .store(true, std::sync::atomic::Ordering::SeqCst);
+        self.shared.cut_all();
+        // Wake the accept loop so it sees `closed`.
+        let _ = std::net::TcpStream::connect_timeout(&self.addr, Duration::from_secs(1));
+        if let Some(t) = self.accept.take() {
+            let _ = t.join();
+        }
+    }
+}
