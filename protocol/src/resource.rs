@@ -568,6 +568,18 @@ impl Resource {
     }
 }
 
+/// The rule for a resource's `notify` list: at most [`MAX_LIST_ITEMS`] entries, services only.
+pub fn validate_notify(notify: &[ResourceRef]) -> Result<(), ProtocolError> {
+    list("notify", notify)?;
+    if notify.iter().any(|n| n.collection != Collection::Services) {
+        return Err(ProtocolError::invalid(
+            "notify",
+            "notify may only name services",
+        ));
+    }
+    Ok(())
+}
+
 #[derive(Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawResource {
@@ -608,14 +620,7 @@ impl<'de> Deserialize<'de> for Resource {
             raw.spec
         };
         let spec = Spec::from_json(raw.collection, spec_value).map_err(serde::de::Error::custom)?;
-        list("notify", &raw.notify).map_err(serde::de::Error::custom)?;
-        if raw
-            .notify
-            .iter()
-            .any(|n| n.collection != Collection::Services)
-        {
-            return Err(serde::de::Error::custom("notify may only name services"));
-        }
+        validate_notify(&raw.notify).map_err(serde::de::Error::custom)?;
         Ok(Resource {
             r#ref,
             spec,

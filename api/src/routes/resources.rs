@@ -31,7 +31,6 @@ use axum::http::StatusCode;
 use axum::response::Response;
 use axum::{Extension, Json};
 use comodit_protocol::ids::validate_abs_path;
-use comodit_protocol::limits::MAX_LIST_ITEMS;
 use comodit_protocol::{ApplyMode, Body, Collection, Resource, ResourceRef, RunSpec, Spec};
 use serde::Deserialize;
 use utoipa::IntoParams;
@@ -236,19 +235,8 @@ pub async fn put_resource(
         .map_err(|e| ApiError::from_protocol(StatusCode::UNPROCESSABLE_ENTITY, &e))?;
     let mut resource = Resource::new(c, r#ref.id.as_str(), spec)
         .map_err(|e| ApiError::from_protocol(StatusCode::UNPROCESSABLE_ENTITY, &e))?;
-    if body.notify.len() > MAX_LIST_ITEMS {
-        return Err(
-            ApiError::unprocessable(format!("at most {MAX_LIST_ITEMS} notify entries"))
-                .field("notify"),
-        );
-    }
-    if body
-        .notify
-        .iter()
-        .any(|n| n.collection != Collection::Services)
-    {
-        return Err(ApiError::unprocessable("notify may only name services").field("notify"));
-    }
+    comodit_protocol::validate_notify(&body.notify)
+        .map_err(|e| ApiError::from_protocol(StatusCode::UNPROCESSABLE_ENTITY, &e))?;
     resource.policy = body.policy.unwrap_or_default();
     resource.notify = body.notify;
     let wait = wait_of(&app.state.limits, q.asynchronous, q.wait_s)?;
