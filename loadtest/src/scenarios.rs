@@ -530,15 +530,17 @@ async fn steady_in(
     let n = enrolled.hosts.len();
     let steps = steps.clamp(1, n.max(1));
     // Memory over fleet size: the fleet connects in steps; after each, every host has its actor.
+    // Long enough for a few samples after the node's allocations settle.
+    let settle_s = if n < 1000 { 1.5 } else { 3.0 };
     let settle = |sampler: &Sampler, ctx: &Ctx| {
         let now = ctx.started.elapsed().as_secs_f64();
-        let w = sampler.window(now - 2.0, now);
+        let w = sampler.window(now - settle_s + 0.4, now);
         (
             mean(&w, |s| s.node_rss as f64),
             mean(&w, |s| s.broker_rss as f64),
         )
     };
-    tokio::time::sleep(Duration::from_secs(3)).await;
+    tokio::time::sleep(Duration::from_secs_f64(settle_s)).await;
     let (rss0, brss0) = settle(sampler, ctx);
     let mut mem_points = vec![(0.0, rss0)];
     let mut broker_points = vec![(0.0, brss0)];
@@ -551,7 +553,7 @@ async fn steady_in(
         connected += chunk.len();
         sampler.hosts.store(connected as u64, Ordering::Relaxed);
         wait_actors(&rig.apis, connected, Duration::from_secs(300)).await?;
-        tokio::time::sleep(Duration::from_secs(3)).await;
+        tokio::time::sleep(Duration::from_secs_f64(settle_s)).await;
         let (rss, brss) = settle(sampler, ctx);
         eprintln!(
             "steady: {connected} hosts connected; node RSS {:.1} MiB, broker RSS {:.1} MiB",
