@@ -130,8 +130,9 @@ pub fn broker_pid() -> Option<u32> {
         if std::fs::read_to_string(format!("/proc/{pid}/comm"))
             .is_ok_and(|c| c.trim() == "beam.smp")
         {
+            // `rabbitmqctl` runs in a beam.smp too; the server is the one booting `rabbit`.
             let cmd = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
-            if String::from_utf8_lossy(&cmd).contains("rabbit") {
+            if String::from_utf8_lossy(&cmd).contains("-s\0rabbit\0boot") {
                 found = Some(pid);
             }
         }

@@ -304,13 +304,20 @@ impl Api {
 
     /// A gauge or counter from `/metrics` (summed over its label sets).
     pub fn metric(&self, name: &str) -> anyhow::Result<f64> {
+        Ok(parse_metric(&self.metrics_text()?, name))
+    }
+
+    /// The node's whole `/metrics` exposition.
+    pub fn metrics_text(&self) -> anyhow::Result<String> {
         let r = self
             .http
             .get(format!("{}/metrics", self.base))
             .call()
             .context("GET /metrics")?;
-        let text = r.into_body().read_to_string()?;
-        Ok(parse_metric(&text, name))
+        Ok(r.into_body()
+            .with_config()
+            .limit(64 << 20)
+            .read_to_string()?)
     }
 }
 
@@ -336,8 +343,14 @@ pub async fn cleanup(broker: &Broker, prefix: &str, users: Vec<String>) {
     let started = Instant::now();
     if let Ok(admin) = broker.admin() {
         for chunk in users.chunks(5000) {
-            if let Err(e) = admin.delete_users(chunk).await {
-                eprintln!("cleanup: deleting {} users: {e}", chunk.len());
+            // The bulk call refuses the whole list if one user does not exist (a run that
+            // failed before making it): then one by one, where a missing user is fine.
+            if admin.delete_users(chunk).await.is_err() {
+                for u in chunk {
+                    if let Err(e) = admin.delete_user(u).await {
+                        eprintln!("cleanup: deleting user {u}: {e}");
+                    }
+                }
             }
         }
     }
@@ -387,15 +400,25 @@ pub async fn cleanup(broker: &Broker, prefix: &str, users: Vec<String>) {
     }
     let (nq, ne) = (queues.len(), exchanges.len());
     let deleted = tokio::time::timeout(Duration::from_secs(300), async {
-        let ch = bus.channel().await?;
-        // Pipelined with nowait: one round trip for the lot instead of one per queue.
-        let nowait = comodit_bus::lapin::options::QueueDeleteOptions {
-            nowait: true,
-            ..Default::default()
-        };
-        for q in &queues {
-            ch.queue_delete(q.as_str().into(), nowait).await?;
+        // Four channels at once: a queue deletion is a broker-side transaction, and the broker
+        // has more than one core.
+        let mut deletes = tokio::task::JoinSet::new();
+        for part in queues.chunks(queues.len().div_ceil(4).max(1)) {
+            let ch = bus.channel().await?;
+            let part = part.to_vec();
+            deletes.spawn(async move {
+                for q in &part {
+                    ch.queue_delete(q.as_str().into(), Default::default())
+                        .await?;
+                }
+                let _ = ch.close(200, "cleanup done".into()).await;
+                anyhow::Ok(())
+            });
         }
+        while let Some(r) = deletes.join_next().await {
+            r??;
+        }
+        let ch = bus.channel().await?;
         for e in &exchanges {
             ch.exchange_delete(
                 e.as_str().into(),

@@ -192,7 +192,7 @@ impl Rig {
         let work = std::env::temp_dir().join(format!("comodit-loadtest-{prefix}"));
         Ok(Rig {
             names: rig::names(&prefix)?,
-            users: vec![rig::enroll_user(&prefix), rig::fleet_user(&prefix)],
+            users: vec![rig::enroll_user(&prefix)],
             prefix,
             work,
             nodes: Vec::new(),
@@ -315,7 +315,7 @@ pub(crate) async fn enroll_phase(
 /// Starts a fleet for `hosts` on the run's prefix (shared fleet user or own credentials).
 pub(crate) async fn start_fleet(
     ctx: &Ctx,
-    rig: &Rig,
+    rig: &mut Rig,
     hosts: &[(HostId, Secret)],
     heartbeat_s: u64,
 ) -> anyhow::Result<Fleet> {
@@ -323,6 +323,9 @@ pub(crate) async fn start_fleet(
         Login::Own
     } else {
         let user = rig::fleet_user(&rig.prefix);
+        if !rig.users.contains(&user) {
+            rig.users.push(user.clone());
+        }
         let password = uuid::Uuid::new_v4().to_string();
         ctx.broker
             .admin()?
@@ -434,6 +437,8 @@ pub fn run_body() -> Body {
 // --- enroll ---------------------------------------------------------------------------------
 
 pub async fn enroll(ctx: &mut Ctx) -> anyhow::Result<()> {
+    // The ceiling first, on a broker that holds none of this run's queues yet.
+    let bare = bare_phase(ctx, run_body(), false).await?;
     let mut rig = Rig::single(ctx)?;
     let sampler = Sampler::start(rig.pids(), Duration::from_millis(500));
     let r = async {
@@ -452,7 +457,6 @@ pub async fn enroll(ctx: &mut Ctx) -> anyhow::Result<()> {
             "node_enroll_total": counted,
             "failed": enrolled.failed,
         });
-        let bare = bare_phase(ctx, run_body(), false).await?;
         let mut f = Figure::new("enrollment rate", per_min, "hosts/min")
             .goal("≥ 10,000 hosts/min", per_min >= 10_000.0);
         if let Some(b) = &bare {
@@ -729,11 +733,17 @@ pub enum ApiOp {
 }
 
 pub async fn api_wave_scenario(ctx: &mut Ctx, op: ApiOp) -> anyhow::Result<()> {
+    // The ceiling first, on a broker that holds none of this run's queues yet.
+    let body = match &op {
+        ApiOp::Apply { content } => apply_body(content)?,
+        ApiOp::Run => run_body(),
+    };
+    let bare = bare_phase(ctx, body, true).await?;
     let mut rig = Rig::single(ctx)?;
     let sampler = Sampler::start(rig.pids(), Duration::from_millis(500));
     let r = async {
         let enrolled = enroll_phase(ctx, &mut rig, &sampler).await?;
-        let fleet = start_fleet(ctx, &rig, &enrolled.hosts, ctx.c.heartbeat_s).await?;
+        let fleet = start_fleet(ctx, &mut rig, &enrolled.hosts, ctx.c.heartbeat_s).await?;
         sampler
             .hosts
             .store(enrolled.hosts.len() as u64, Ordering::Relaxed);
@@ -774,6 +784,16 @@ pub async fn api_wave_scenario(ctx: &mut Ctx, op: ApiOp) -> anyhow::Result<()> {
             "broker_cpu_pct": mean(&during, |s| s.broker_cpu_pct),
             "loadtest_cpu_pct": mean(&during, |s| s.self_cpu_pct),
         }));
+        // The node's own view of the wave (round trips, dispatches, store errors), kept beside
+        // the report for the analysis.
+        {
+            let api = rig.api().clone();
+            let path = ctx.out.join("node1-metrics.prom");
+            let _ = std::fs::create_dir_all(&ctx.out);
+            if let Ok(Ok(text)) = tokio::task::spawn_blocking(move || api.metrics_text()).await {
+                let _ = std::fs::write(path, text);
+            }
+        }
         let tallies = fleet.tallies();
         let replied = tallies.iter().filter(|t| t.replied > 0).count();
         let duplicated: u32 = tallies
@@ -790,11 +810,6 @@ pub async fn api_wave_scenario(ctx: &mut Ctx, op: ApiOp) -> anyhow::Result<()> {
             "duplicated_commands": duplicated,
         });
         fleet.stop().await;
-        let body = match &op {
-            ApiOp::Apply { content } => apply_body(content)?,
-            ApiOp::Run => run_body(),
-        };
-        let bare = bare_phase(ctx, body, true).await?;
         let secs = wave.elapsed.as_secs_f64();
         let mut last = Figure::new("time until the last host answered", secs, "s");
         let mut tput = Figure::new("throughput", wave.throughput(), "answers/s");

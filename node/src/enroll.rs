@@ -57,7 +57,7 @@ pub use comodit_api::hash_token;
 /// Largest enrollment request accepted, in bytes: facts and a token fit in a few kilobytes.
 pub const MAX_REQUEST_BYTES: usize = 64 * 1024;
 /// Requests processed at once (each makes a few store writes and management API calls).
-pub const MAX_IN_FLIGHT: usize = 8;
+pub const MAX_IN_FLIGHT: usize = 32;
 /// How many recent requests the replay cache remembers, and for how long.
 pub const REPLAY_ENTRIES: usize = 4096;
 pub const REPLAY_TTL: Duration = Duration::from_secs(10 * 60);
