@@ -146,7 +146,10 @@ async fn run_on(
         let replies = Replies::start(&driver, &names, opts.n_shards);
         // The hellos of the connect are in the shard queues too: let the consumer drain them.
         replies
-            .wait_hellos(opts.hosts, Duration::from_secs(60))
+            .wait_hellos(
+                opts.hosts,
+                Duration::from_secs(60 + opts.hosts as u64 / 500),
+            )
             .await;
         let setup = setup_started.elapsed();
         eprintln!(

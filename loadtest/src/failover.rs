@@ -26,7 +26,7 @@ const CLUSTER_SECRET: &str = "loadtest-cluster-secret-0123456789";
 
 pub async fn run(ctx: &mut Ctx, postgres_url: &str, kill_after: f64) -> anyhow::Result<()> {
     let mut rig = cluster(ctx, postgres_url)?;
-    let sampler = Sampler::start(rig.pids(), Duration::from_millis(500));
+    let sampler = Sampler::start(rig.pids(), Duration::from_millis(500), ctx.started);
     let r = run_in(ctx, &mut rig, &sampler, kill_after).await;
     ctx.report.samples = sampler.stop().await;
     rig.cleanup(&ctx.broker, &ctx.out).await;
@@ -143,7 +143,7 @@ async fn run_in(
         }) as Arc<dyn Fn(usize) + Send + Sync>
     };
     let t0 = ctx.started.elapsed().as_secs_f64();
-    let wave = scenarios::api_wave(
+    let (wave, resent) = scenarios::api_wave(
         "failover_run",
         &rig.apis,
         &ids,
@@ -190,6 +190,7 @@ async fn run_in(
         "redelivered_same_command": redelivered,
         "second_command_same_host": second_commands,
         "api_answered": wave.answered,
+        "api_requests_sent_again_to_a_survivor": resent,
         "api_failed": wave.failed,
     });
     ctx.report.figures.push(

@@ -158,7 +158,9 @@ pub struct Sampler {
 }
 
 impl Sampler {
-    pub fn start(node_pids: Vec<u32>, every: Duration) -> Sampler {
+    /// Samples every `every`; `t_s` of a sample counts from `base` (the run's start, so the
+    /// scenarios' phase windows and the samples share one clock).
+    pub fn start(node_pids: Vec<u32>, every: Duration, base: Instant) -> Sampler {
         let samples = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
         let hosts = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
         let pids = std::sync::Arc::new(std::sync::Mutex::new(node_pids));
@@ -168,7 +170,7 @@ impl Sampler {
             let hz = ticks_per_s();
             let me = std::process::id();
             let broker = broker_pid();
-            let start = Instant::now();
+            let start = base;
             let read = |pids: &[u32]| -> (u64, u64) {
                 pids.iter()
                     .filter_map(|p| proc_stat(*p))
