@@ -98,6 +98,116 @@ struct HostState {
     last_reply_ms: u64,
 }
 
+impl HostState {
+    /// The stored reply of a command seen before (a duplicate, counted), like the agent's dedup
+    /// window.
+    fn replay(&mut self, id: CommandId) -> Option<Reply> {
+        let seen = self
+            .recent
+            .iter()
+            .find(|(seen, _)| *seen == id)
+            .map(|(_, reply)| reply.clone());
+        if seen.is_some() {
+            self.duplicates += 1;
+        }
+        seen
+    }
+
+    /// The reply to a command not seen before, from (and into) this host's in-memory state: an
+    /// `apply` records each resource's spec, so applying the same spec again is `changed: false`;
+    /// a dry run records nothing. Remembered for duplicates.
+    fn answer(
+        &mut self,
+        host: HostId,
+        cmd: Command,
+        fail: bool,
+        started_at: chrono::DateTime<Utc>,
+    ) -> Reply {
+        let mut reply = Reply {
+            v: V1,
+            re: Some(cmd.id),
+            host,
+            status: Status::Ok,
+            reason: None,
+            results: Vec::new(),
+            data: None,
+            started_at,
+            finished_at: started_at,
+        };
+        if fail {
+            reply.status = Status::Failed;
+            reply.reason = Some("simulated failure (loadtest fail_fraction)".into());
+        } else {
+            match cmd.body {
+                Body::Apply {
+                    mode, resources, ..
+                } => {
+                    let dry = mode == comodit_protocol::ApplyMode::DryRun;
+                    for r in resources {
+                        let key = r.r#ref.to_string();
+                        let digest = spec_hash(&r.spec.to_json());
+                        let known = self.resources.iter().position(|(k, _)| *k == key);
+                        let before = known.map(|i| self.resources[i].1);
+                        let changed = before != Some(digest);
+                        if changed && !dry {
+                            match known {
+                                Some(i) => self.resources[i].1 = digest,
+                                None => self.resources.push((key, digest)),
+                            }
+                        }
+                        reply.results.push(ResourceResult {
+                            r#ref: r.r#ref,
+                            changed,
+                            diff: if changed {
+                                vec![FieldDiff {
+                                    field: if before.is_some() {
+                                        "content"
+                                    } else {
+                                        "ensure"
+                                    }
+                                    .into(),
+                                    from: before.map_or("absent".into(), |h| {
+                                        format!("spec:{h:016x}").into()
+                                    }),
+                                    to: if before.is_some() {
+                                        format!("spec:{digest:016x}").into()
+                                    } else {
+                                        "present".into()
+                                    },
+                                }]
+                            } else {
+                                Vec::new()
+                            },
+                            error: None,
+                            skipped: false,
+                        });
+                    }
+                }
+                Body::Run(_) => {
+                    reply.data = Some(ReplyData::Run(RunResult {
+                        exit_code: Some(0),
+                        signal: None,
+                        timed_out: false,
+                        stdout: "ok\n".into(),
+                        stderr: String::new(),
+                        truncated: false,
+                        duration_ms: 0,
+                    }))
+                }
+                Body::Facts {} => reply.data = Some(ReplyData::Facts(Box::new(facts(host)))),
+                Body::Check {} => reply.data = Some(ReplyData::Check { drift: Vec::new() }),
+                _ => {}
+            }
+        }
+        reply.finished_at = Utc::now();
+        if self.recent.len() >= DEDUP_WINDOW {
+            self.recent.pop_front();
+        }
+        self.recent.push_back((cmd.id, reply.clone()));
+        reply
+    }
+}
+
 /// What the fleet did, counted as it happens.
 #[derive(Default)]
 pub struct Counters {
@@ -423,13 +533,7 @@ impl Conn {
     ) -> (Reply, bool) {
         let mut s = host.state.lock().unwrap_or_else(|e| e.into_inner());
         s.received += 1;
-        let seen = s
-            .recent
-            .iter()
-            .find(|(id, _)| *id == cmd.id)
-            .map(|(_, reply)| reply.clone());
-        if let Some(reply) = seen {
-            s.duplicates += 1;
+        if let Some(reply) = s.replay(cmd.id) {
             self.counters.duplicates.fetch_add(1, Ordering::Relaxed);
             return (reply, false);
         }
@@ -443,90 +547,12 @@ impl Conn {
         if slow {
             self.counters.slow_injected.fetch_add(1, Ordering::Relaxed);
         }
-        let mut reply = Reply {
-            v: V1,
-            re: Some(cmd.id),
-            host: host.id,
-            status: Status::Ok,
-            reason: None,
-            results: Vec::new(),
-            data: None,
-            started_at,
-            finished_at: started_at,
-        };
         if fail {
             self.counters
                 .failed_injected
                 .fetch_add(1, Ordering::Relaxed);
-            reply.status = Status::Failed;
-            reply.reason = Some("simulated failure (loadtest fail_fraction)".into());
-        } else {
-            match cmd.body {
-                Body::Apply {
-                    mode, resources, ..
-                } => {
-                    let dry = mode == comodit_protocol::ApplyMode::DryRun;
-                    for r in resources {
-                        let key = r.r#ref.to_string();
-                        let digest = spec_hash(&r.spec.to_json());
-                        let known = s.resources.iter().position(|(k, _)| *k == key);
-                        let before = known.map(|i| s.resources[i].1);
-                        let changed = before != Some(digest);
-                        if changed && !dry {
-                            match known {
-                                Some(i) => s.resources[i].1 = digest,
-                                None => s.resources.push((key, digest)),
-                            }
-                        }
-                        reply.results.push(ResourceResult {
-                            r#ref: r.r#ref,
-                            changed,
-                            diff: if changed {
-                                vec![FieldDiff {
-                                    field: if before.is_some() {
-                                        "content"
-                                    } else {
-                                        "ensure"
-                                    }
-                                    .into(),
-                                    from: before.map_or("absent".into(), |h| {
-                                        format!("spec:{h:016x}").into()
-                                    }),
-                                    to: if before.is_some() {
-                                        format!("spec:{digest:016x}").into()
-                                    } else {
-                                        "present".into()
-                                    },
-                                }]
-                            } else {
-                                Vec::new()
-                            },
-                            error: None,
-                            skipped: false,
-                        });
-                    }
-                }
-                Body::Run(_) => {
-                    reply.data = Some(ReplyData::Run(RunResult {
-                        exit_code: Some(0),
-                        signal: None,
-                        timed_out: false,
-                        stdout: "ok\n".into(),
-                        stderr: String::new(),
-                        truncated: false,
-                        duration_ms: 0,
-                    }))
-                }
-                Body::Facts {} => reply.data = Some(ReplyData::Facts(Box::new(facts(host.id)))),
-                Body::Check {} => reply.data = Some(ReplyData::Check { drift: Vec::new() }),
-                _ => {}
-            }
         }
-        reply.finished_at = Utc::now();
-        if s.recent.len() >= DEDUP_WINDOW {
-            s.recent.pop_front();
-        }
-        s.recent.push_back((cmd.id, reply.clone()));
+        let reply = s.answer(host.id, cmd, fail, started_at);
         (reply, slow)
     }
 
@@ -686,6 +712,65 @@ mod tests {
             with_credentials("amqp://old:x@h/v", "u", "p"),
             "amqp://u:p@h/v"
         );
+    }
+
+    fn apply(content: &str, mode: comodit_protocol::ApplyMode) -> Body {
+        match crate::scenarios::apply_body(content).unwrap() {
+            Body::Apply { resources, .. } => Body::Apply {
+                mode,
+                monitor: false,
+                resources,
+            },
+            _ => unreachable!(),
+        }
+    }
+
+    #[test]
+    fn apply_is_idempotent_and_a_dry_run_changes_nothing() {
+        use comodit_protocol::ApplyMode::{DryRun, Enforce};
+        let host = HostId::random();
+        let mut s = HostState::default();
+        let mut answer =
+            |body: Body| s.answer(host, crate::bare::command(host, &body), false, Utc::now());
+        let dry = answer(apply("a\n", DryRun));
+        assert!(dry.results[0].changed);
+        let first = answer(apply("a\n", Enforce));
+        assert!(first.results[0].changed, "the dry run recorded nothing");
+        assert_eq!(first.results[0].diff[0].field, "ensure");
+        assert_eq!(first.status, Status::Ok);
+        let second = answer(apply("a\n", Enforce));
+        assert!(!second.results[0].changed);
+        assert!(second.results[0].diff.is_empty());
+        let other = answer(apply("b\n", Enforce));
+        assert!(other.results[0].changed);
+        assert_eq!(other.results[0].diff[0].field, "content");
+    }
+
+    #[test]
+    fn duplicates_get_the_same_reply_and_are_counted() {
+        let host = HostId::random();
+        let mut s = HostState::default();
+        let cmd = crate::bare::command(host, &crate::scenarios::run_body());
+        let id = cmd.id;
+        assert!(s.replay(id).is_none());
+        let reply = s.answer(host, cmd, true, Utc::now());
+        assert_eq!(reply.status, Status::Failed, "an injected failure");
+        assert_eq!(reply.re, Some(id));
+        assert_eq!(s.replay(id), Some(reply));
+        assert_eq!(s.duplicates, 1);
+        let run = s.answer(
+            host,
+            crate::bare::command(host, &crate::scenarios::run_body()),
+            false,
+            Utc::now(),
+        );
+        assert!(matches!(
+            run.data,
+            Some(ReplyData::Run(RunResult {
+                exit_code: Some(0),
+                ..
+            }))
+        ));
     }
 
     #[test]
