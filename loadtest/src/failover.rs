@@ -29,6 +29,7 @@ pub async fn run(ctx: &mut Ctx, postgres_url: &str, kill_after: f64) -> anyhow::
     let sampler = Sampler::start(rig.pids(), Duration::from_millis(500), ctx.started);
     let r = run_in(ctx, &mut rig, &sampler, kill_after).await;
     ctx.report.samples = sampler.stop().await;
+    scenarios::add_resource_plot(&mut ctx.report);
     rig.cleanup(&ctx.broker, &ctx.out).await;
     r
 }
@@ -215,8 +216,8 @@ async fn run_in(
     ctx.report.plots.push(Plot {
         file: "latency-over-time.svg".into(),
         title: format!(
-            "failover: run latency over time ({n} hosts, member killed at {:.1} s)",
-            kill_ms as f64 / 1000.0
+            "failover: run latency over time ({n} hosts; member {} killed after {threshold} answers)",
+            victim + 1
         ),
         x: "seconds since the wave began".into(),
         y: "latency (ms)".into(),

@@ -94,7 +94,6 @@ struct HostState {
     duplicates: u32,
     replied: u32,
     /// Milliseconds since the fleet's start; 0 = never.
-    first_reply_ms: u64,
     last_reply_ms: u64,
 }
 
@@ -378,7 +377,6 @@ impl Fleet {
             s.received = 0;
             s.duplicates = 0;
             s.replied = 0;
-            s.first_reply_ms = 0;
             s.last_reply_ms = 0;
         }
     }
@@ -515,9 +513,6 @@ impl Conn {
             let now = self.started.elapsed().as_millis().max(1) as u64;
             let mut s = host.state.lock().unwrap_or_else(|e| e.into_inner());
             s.replied += 1;
-            if s.first_reply_ms == 0 {
-                s.first_reply_ms = now;
-            }
             s.last_reply_ms = now;
         }
         self.counters.replies.fetch_add(1, Ordering::Relaxed);

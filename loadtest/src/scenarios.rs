@@ -478,7 +478,7 @@ pub async fn enroll(ctx: &mut Ctx) -> anyhow::Result<()> {
     r
 }
 
-fn add_resource_plot(report: &mut Report) {
+pub(crate) fn add_resource_plot(report: &mut Report) {
     if report.samples.is_empty() {
         return;
     }
