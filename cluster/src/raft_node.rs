@@ -35,7 +35,8 @@ use std::fmt;
 
 use protobuf::Message as _;
 use raft::eraftpb::{
-    ConfChange, ConfChangeV2, ConfState, Entry, EntryType, HardState, Message, Snapshot,
+    ConfChange, ConfChangeType, ConfChangeV2, ConfState, Entry, EntryType, HardState, Message,
+    Snapshot,
 };
 use raft::{Config, RaftState, RawNode, ReadOnlyOption, StateRole, Storage};
 use tracing::{debug, error, warn};
@@ -397,6 +398,8 @@ pub struct RaftNode<S: LogStore = MemLogStore> {
     raw: RawNode<S>,
     state: ClusterState,
     snapshot_interval: u64,
+    /// A node was added: compact at the next opportunity (see `apply_entries`).
+    compact_now: bool,
 }
 
 impl<S: LogStore> fmt::Debug for RaftNode<S> {
@@ -434,6 +437,7 @@ impl<S: LogStore> RaftNode<S> {
             raw,
             state,
             snapshot_interval: config.snapshot_interval.max(1),
+            compact_now: false,
         })
     }
 
@@ -507,6 +511,22 @@ impl<S: LogStore> RaftNode<S> {
     /// Current membership (as applied).
     pub fn conf_state(&self) -> ConfState {
         self.raw.raft.prs().conf().to_conf_state()
+    }
+
+    /// On the leader: the highest log index known to be replicated on each member (voters and
+    /// learners). Meaningless on a follower.
+    pub fn matched(&self) -> std::collections::BTreeMap<NodeId, u64> {
+        self.raw
+            .raft
+            .prs()
+            .iter()
+            .map(|(id, pr)| (*id, pr.matched))
+            .collect()
+    }
+
+    /// Ask raft to hand leadership to `to` (a voter); it gives up once `to` caught up.
+    pub fn transfer_leader(&mut self, to: NodeId) {
+        self.raw.transfer_leader(to);
     }
 
     /// The persistent store.
@@ -649,7 +669,20 @@ impl<S: LogStore> RaftNode<S> {
                     self.state.advance_to(index);
                     match parsed {
                         Ok(cc) => match self.raw.apply_conf_change(&cc) {
-                            Ok(cs) => AppliedKind::ConfChange(cs),
+                            Ok(cs) => {
+                                // A node added now starts from an empty log; the entries before
+                                // this one do not hold the founding membership (that is in the
+                                // bootstrap snapshot), so it must start from a snapshot: compact
+                                // here, on every node, so that any later leader sends one.
+                                if cc
+                                    .get_changes()
+                                    .iter()
+                                    .any(|c| c.get_change_type() != ConfChangeType::RemoveNode)
+                                {
+                                    self.compact_now = true;
+                                }
+                                AppliedKind::ConfChange(cs)
+                            }
                             Err(e) => {
                                 // Deterministic on every node: raft validates against the same
                                 // configuration everywhere.
@@ -672,9 +705,12 @@ impl<S: LogStore> RaftNode<S> {
     fn maybe_compact(&mut self, out: &mut Output) -> Result<(), RaftNodeError> {
         let applied = self.state.applied_index;
         let snap_index = self.raw.store().latest_snapshot().get_metadata().index;
-        if applied < snap_index + self.snapshot_interval {
+        let due = applied >= snap_index + self.snapshot_interval
+            || (self.compact_now && applied > snap_index);
+        if !due {
             return Ok(());
         }
+        self.compact_now = false;
         let Ok(term) = self.raw.raft.raft_log.term(applied) else {
             return Ok(());
         };

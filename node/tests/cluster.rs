@@ -134,13 +134,148 @@ fn start_cluster_with(
     let first = Node::start_with(&prefix, env(1));
     assert!(!first.token.is_empty(), "the first node writes the token");
     let mut nodes = vec![first];
-    for id in 2..=3 {
+    for id in 2..=raft_ports.len() {
         let mut n = Node::start_with(&prefix, env(id));
         n.token = nodes[0].token.clone();
         nodes.push(n);
     }
 
     (nodes, db)
+}
+
+/// The environment of a node that joins the cluster of `nodes` (through node 1's Raft address).
+fn joiner_env(
+    nodes: &[Node],
+    id: usize,
+    raft_port: u16,
+    member_raft: &str,
+) -> Vec<(String, String)> {
+    let mut env: Vec<(String, String)> = nodes[0]
+        .env
+        .iter()
+        .filter(|(k, _)| {
+            !matches!(
+                k.as_str(),
+                "COMODIT_CLUSTER_PEERS" | "COMODIT_CLUSTER_ID" | "COMODIT_CLUSTER_LISTEN"
+            )
+        })
+        .cloned()
+        .collect();
+    env.push(("COMODIT_CLUSTER_ID".into(), id.to_string()));
+    env.push((
+        "COMODIT_CLUSTER_LISTEN".into(),
+        format!("127.0.0.1:{raft_port}"),
+    ));
+    env.push(("COMODIT_CLUSTER_JOIN".into(), member_raft.to_owned()));
+    env
+}
+
+/// Runs submitted one after the other through one member, each appending its sequence number to
+/// a per-host file on the agent's machine: the agents' own record of what they executed.
+struct Load {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    thread: Option<std::thread::JoinHandle<Vec<(String, u64, String)>>>,
+    dir: std::path::PathBuf,
+    hosts: Vec<String>,
+}
+
+impl Load {
+    fn start(node: &Node, hosts: &[String], dir: &std::path::Path) -> Load {
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let (url_port, token, prefix) = (node.port, node.token.clone(), node.prefix.clone());
+        let hosts_t = hosts.to_vec();
+        let dir_t = dir.to_path_buf();
+        let stop_t = stop.clone();
+        let thread = std::thread::spawn(move || {
+            // A client of its own (the rig's `Node` is not shared across threads).
+            let http: ureq::Agent = ureq::Agent::config_builder()
+                .http_status_as_error(false)
+                .timeout_global(Some(Duration::from_secs(30)))
+                .build()
+                .into();
+            let _ = prefix;
+            let mut accepted = Vec::new();
+            let mut seq = 0u64;
+            while !stop_t.load(std::sync::atomic::Ordering::Relaxed) {
+                for h in &hosts_t {
+                    seq += 1;
+                    let file = dir_t.join(format!("{h}.log"));
+                    let body = json!({"argv": ["/bin/sh", "-c", format!("echo {seq} >> {}", file.display())]});
+                    let url = format!("http://127.0.0.1:{url_port}/api/v1/hosts/{h}/run?wait_s=1");
+                    let Ok(res) = http
+                        .post(&url)
+                        .header("Authorization", &format!("Bearer {token}"))
+                        .send_json(body)
+                    else {
+                        continue;
+                    };
+                    let status = res.status().as_u16();
+                    let text = res.into_body().read_to_string().unwrap_or_default();
+                    let v: Value = serde_json::from_str(&text).unwrap_or(Value::Null);
+                    // Accepted: recorded as a change (answered or not yet).
+                    if matches!(status, 200 | 202) {
+                        if let Some(id) = v["id"].as_str() {
+                            accepted.push((h.clone(), seq, id.to_owned()));
+                        }
+                    }
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            accepted
+        });
+        Load {
+            stop,
+            thread: Some(thread),
+            dir: dir.to_path_buf(),
+            hosts: hosts.to_vec(),
+        }
+    }
+
+    /// Stops submitting, waits for every accepted change to end, and checks the agents' records:
+    /// every applied change ran exactly once, none ran twice, nothing ran that was not accepted.
+    /// Returns (accepted, applied).
+    fn finish(mut self, via: &Node) -> (usize, usize) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        let accepted = self.thread.take().unwrap().join().unwrap();
+        let mut statuses = Vec::new();
+        for (host, seq, id) in &accepted {
+            let status = via.wait_for("the change to end", || {
+                let (code, v) = via.api("GET", &format!("/hosts/{host}/changes/{id}"), None);
+                assert_eq!(code, 200, "{v}");
+                let s = v["status"].as_str().unwrap_or("").to_owned();
+                (s != "queued" && s != "dispatched").then_some(s)
+            });
+            statuses.push((host.clone(), *seq, status));
+        }
+        let mut runs: BTreeMap<(String, u64), usize> = BTreeMap::new();
+        for h in &self.hosts {
+            let text =
+                std::fs::read_to_string(self.dir.join(format!("{h}.log"))).unwrap_or_default();
+            for line in text.lines() {
+                *runs
+                    .entry((h.clone(), line.trim().parse().unwrap()))
+                    .or_default() += 1;
+            }
+        }
+        let accepted_keys: std::collections::BTreeSet<(String, u64)> =
+            statuses.iter().map(|(h, s, _)| (h.clone(), *s)).collect();
+        for (key, n) in &runs {
+            assert_eq!(*n, 1, "{key:?} ran {n} times");
+            assert!(
+                accepted_keys.contains(key),
+                "{key:?} ran but was never accepted"
+            );
+        }
+        let mut applied = 0;
+        for (h, seq, status) in &statuses {
+            let ran = runs.get(&(h.clone(), *seq)).copied().unwrap_or(0);
+            if status == "applied" {
+                applied += 1;
+                assert_eq!(ran, 1, "{h} #{seq} applied but ran {ran} times");
+            }
+        }
+        (accepted.len(), applied)
+    }
 }
 
 /// Waits until all `nodes` agree on a leader, 4 shards each, every lease valid.
@@ -166,7 +301,7 @@ fn two_agents(nodes: &[Node]) -> Vec<Agent> {
     let token = nodes[0].enrollment_token(2);
     let mut agents = vec![
         Agent::enroll(&nodes[1], &token),
-        Agent::enroll(&nodes[2], &token),
+        Agent::enroll(&nodes[2 % nodes.len()], &token),
     ];
     for (a, n) in agents.iter_mut().zip(nodes) {
         a.start(n);
@@ -334,18 +469,19 @@ fn a_survivor_reaches_the_host_after_its_owner_is_killed() {
     assert_eq!(status, 200, "{body}");
 
     let victim = owner_of(&nodes[0], &host);
+    let survivor_index = (0..nodes.len()).find(|&i| i as u64 + 1 != victim).unwrap();
+    // Runs through the survivor on both hosts, before, during and after the failover.
+    let hosts: Vec<String> = agents.iter().map(|a| a.host.clone()).collect();
+    let records = tempfile::tempdir().unwrap();
+    let load = Load::start(&nodes[survivor_index], &hosts, records.path());
+    std::thread::sleep(Duration::from_millis(300));
     nodes[victim as usize - 1]
         .proc
         .take()
         .expect("running")
         .kill9();
     let killed = Instant::now();
-    let survivor = nodes
-        .iter()
-        .enumerate()
-        .find(|(i, _)| *i as u64 + 1 != victim)
-        .map(|(_, n)| n)
-        .unwrap();
+    let survivor = &nodes[survivor_index];
     let last = loop {
         let (status, body) = run(survivor);
         if status == 200 && body["status"] == "applied" {
@@ -362,6 +498,12 @@ fn a_survivor_reaches_the_host_after_its_owner_is_killed() {
     };
     eprintln!("failover: {} ms", killed.elapsed().as_millis());
     assert_ne!(owner_of(survivor, &host), victim, "{last}");
+    // The agents' records: nothing ran twice, every applied run ran once (runs that expired while
+    // the shard had no owner did not run).
+    std::thread::sleep(Duration::from_millis(500));
+    let (accepted, applied) = load.finish(survivor);
+    eprintln!("kill -9 under load: {accepted} runs accepted, {applied} applied, none twice");
+    assert!(applied >= 2, "{applied} of {accepted} applied");
 }
 
 /// Views of `nodes` sampled one after the other.
@@ -569,5 +711,108 @@ fn a_restarted_follower_rejoins_from_its_raft_state() {
     eprintln!(
         "restarted node {f}: leader {leader} kept, owns {mine:?} after {} ms",
         restarted.elapsed().as_millis()
+    );
+}
+
+#[test]
+fn a_joining_node_takes_its_share_and_a_decommissioned_one_hands_off_then_exits() {
+    // Two founders, then node 3 joins through node 1's Raft address.
+    let ports = ports_lock();
+    let raft_ports: Vec<u16> = (0..3).map(|_| free_port()).collect();
+    let peers = format!(
+        "1=127.0.0.1:{},2=127.0.0.1:{}",
+        raft_ports[0], raft_ports[1]
+    );
+    let (mut nodes, _db) = start_cluster_with(&raft_ports[..2], |_| peers.clone());
+    let two: Vec<&Node> = nodes.iter().collect();
+    wait_views("two founders with 6 shards each", &two, |views| {
+        same_leader(views, &[1, 2])?;
+        let counts: Vec<(u64, usize)> = owners(&views[0])
+            .iter()
+            .map(|(k, s)| (*k, s.len()))
+            .collect();
+        (counts == [(1, 6), (2, 6)])
+            .then_some(())
+            .ok_or(format!("{counts:?}"))
+    });
+    let agents = two_agents(&nodes);
+    let hosts: Vec<String> = agents.iter().map(|a| a.host.clone()).collect();
+    let records = tempfile::tempdir().unwrap();
+    let load = Load::start(&nodes[0], &hosts, records.path());
+
+    let env = joiner_env(
+        &nodes,
+        3,
+        raft_ports[2],
+        &format!("127.0.0.1:{}", raft_ports[0]),
+    );
+    let mut third = Node::start_with(&nodes[0].prefix, env);
+    drop(ports);
+    third.token = nodes[0].token.clone();
+    nodes.push(third);
+    let all: Vec<&Node> = nodes.iter().collect();
+    let views = wait_balanced(&all);
+    for v in &views {
+        let roles: Vec<&str> = v["nodes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|n| n["role"].as_str().unwrap())
+            .collect();
+        assert!(roles.iter().all(|r| *r == "leader" || *r == "voter"), "{v}");
+    }
+
+    // Decommission the newcomer through the API of node 2.
+    let (status, body) = nodes[1].api("POST", "/cluster/nodes/3/decommission", None);
+    assert_eq!(status, 202, "{body}");
+    assert_eq!(body["status"], "leaving");
+    let started = Instant::now();
+    // Its process exits by itself, with success, once it handed everything off.
+    let exit = loop {
+        let p = nodes[2].proc.as_mut().unwrap();
+        if let Some(status) = p.child.try_wait().unwrap() {
+            break status;
+        }
+        assert!(
+            started.elapsed() < DEADLINE,
+            "node 3 still running after its decommission:\n{}",
+            tail(&nodes[2].log())
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert!(exit.success(), "{exit}\n{}", tail(&nodes[2].log()));
+    eprintln!(
+        "decommission: node 3 exited after {} ms",
+        started.elapsed().as_millis()
+    );
+    nodes[2].proc = None;
+    let two: Vec<&Node> = nodes[..2].iter().collect();
+    wait_views("node 3 left, its shards on 1 and 2", &two, |views| {
+        same_leader(views, &[1, 2])?;
+        for v in views {
+            let counts: Vec<(u64, usize)> = owners(v).iter().map(|(k, s)| (*k, s.len())).collect();
+            if counts != [(1, 6), (2, 6)] {
+                return Err(format!("owners {counts:?}"));
+            }
+            let n3 = v["nodes"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .find(|n| n["id"] == 3)
+                .cloned();
+            match n3 {
+                Some(n) if n["state"] == "left" && n["role"] == "none" => {}
+                other => return Err(format!("node 3: {other:?}")),
+            }
+        }
+        Ok(())
+    });
+
+    // Every command accepted meanwhile ran exactly once on its agent.
+    let (accepted, applied) = load.finish(&nodes[0]);
+    eprintln!("join + decommission under load: {accepted} runs accepted, {applied} applied");
+    assert!(
+        accepted >= 10 && applied * 10 >= accepted * 9,
+        "{applied} of {accepted} applied"
     );
 }
