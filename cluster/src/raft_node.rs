@@ -36,7 +36,7 @@ use std::fmt;
 use protobuf::Message as _;
 use raft::eraftpb::{
     ConfChange, ConfChangeType, ConfChangeV2, ConfState, Entry, EntryType, HardState, Message,
-    Snapshot,
+    MessageType, Snapshot,
 };
 use raft::{Config, RaftState, RawNode, ReadOnlyOption, StateRole, Storage};
 use tracing::{debug, error, warn};
@@ -586,6 +586,18 @@ impl<S: LogStore> RaftNode<S> {
                 break;
             }
             self.ready_round(&mut out)?;
+        }
+        // The network may lose a snapshot, and raft waits for a report before sending another:
+        // report it sent. If it was lost, the follower rejects the next append and raft sends a
+        // new one; without the report, that follower would stay behind for good.
+        let snapshots_to: Vec<NodeId> = out
+            .messages
+            .iter()
+            .filter(|m| m.get_msg_type() == MessageType::MsgSnapshot)
+            .map(|m| m.to)
+            .collect();
+        for to in snapshots_to {
+            self.raw.report_snapshot(to, raft::SnapshotStatus::Finish);
         }
         self.maybe_compact(&mut out)?;
         Ok(out)

@@ -197,7 +197,7 @@ pub enum MembershipError {
 }
 
 /// Membership requests from outside the driver (the API).
-enum AdminCall {
+pub(crate) enum AdminCall {
     AddNode(JoinRequest, oneshot::Sender<JoinReply>),
     Decommission(NodeId, oneshot::Sender<Result<(), MembershipError>>),
 }
@@ -216,7 +216,7 @@ struct View {
     left_at: Option<u64>,
 }
 
-struct Shared {
+pub(crate) struct Shared {
     id: NodeId,
     origin: Instant,
     view: Mutex<View>,
@@ -227,6 +227,51 @@ struct Shared {
 }
 
 impl Shared {
+    pub(crate) fn new(
+        cfg: &ClusterConfig,
+        held: HeldLease,
+        admin: mpsc::Sender<AdminCall>,
+    ) -> Arc<Shared> {
+        Arc::new(Shared {
+            id: cfg.id,
+            origin: Instant::now(),
+            view: Mutex::new(View {
+                leader: None,
+                term: 0,
+                commit: 0,
+                nodes: Vec::new(),
+                shards: Vec::new(),
+                lease: held,
+                voters: Vec::new(),
+                learners: Vec::new(),
+                left_at: None,
+            }),
+            changes: watch::channel(0).0,
+            admin,
+            // Long enough for a few renewals to tell the leader this node saw itself leave.
+            linger_ms: 3 * cfg.lease.renew_every_ms + 500,
+        })
+    }
+
+    /// The shards this node acts for at `now` (its clock): those it owns while its lease is valid.
+    pub(crate) fn owned_at(&self, now: u64) -> Vec<(u32, u64)> {
+        let v = self.view();
+        if !v.lease.is_valid(now) {
+            return Vec::new();
+        }
+        owned_in(&v.shards, self.id)
+    }
+
+    /// The epoch of every shard in this node's view of the table.
+    pub(crate) fn table_epochs(&self) -> Vec<u64> {
+        self.view().shards.iter().map(|s| s.epoch).collect()
+    }
+
+    /// The node table as this node applied it.
+    pub(crate) fn node_states(&self) -> BTreeMap<NodeId, NodeState> {
+        self.view().nodes.iter().map(|n| (n.id, n.state)).collect()
+    }
+
     fn now_ms(&self) -> u64 {
         u64::try_from(self.origin.elapsed().as_millis()).unwrap_or(u64::MAX)
     }
@@ -308,25 +353,7 @@ impl ClusterNode {
         let (joins_tx, joins_rx) = mpsc::channel(ADMIN_QUEUE);
         transport.serve_joins(joins_tx);
         let (admin_tx, admin_rx) = mpsc::channel(ADMIN_QUEUE);
-        let shared = Arc::new(Shared {
-            id: cfg.id,
-            origin: Instant::now(),
-            view: Mutex::new(View {
-                leader: None,
-                term: node.term(),
-                commit: node.commit_index(),
-                nodes: Vec::new(),
-                shards: Vec::new(),
-                lease: held,
-                voters: Vec::new(),
-                learners: Vec::new(),
-                left_at: None,
-            }),
-            changes: watch::channel(0).0,
-            admin: admin_tx,
-            // Long enough for a few renewals to tell the leader this node saw itself leave.
-            linger_ms: 3 * cfg.lease.renew_every_ms + 500,
-        });
+        let shared = Shared::new(&cfg, held, admin_tx);
         if !cfg.join.is_empty() {
             tokio::spawn(
                 ask_to_join(
@@ -338,17 +365,7 @@ impl ClusterNode {
                 .instrument(tracing::info_span!("cluster_join", node = cfg.id)),
             );
         }
-        let driver = Driver {
-            grant: Grant(GrantedLease::new(&cfg.lease, 0)?),
-            cfg,
-            node,
-            transport,
-            shared: shared.clone(),
-            in_flight: BTreeMap::new(),
-            last_renew_sent: None,
-            leader: None,
-            published: None,
-        };
+        let driver = Driver::new(cfg, node, transport, shared.clone())?;
         let id = driver.cfg.id;
         tokio::spawn(
             driver
@@ -428,12 +445,7 @@ impl ClusterNode {
     /// This node's view for the actors: shards it owns with their epochs, only while its lease is
     /// valid (empty otherwise).
     pub fn owned(&self) -> Vec<(u32, u64)> {
-        let now = self.shared.now_ms();
-        let v = self.shared.view();
-        if !v.lease.is_valid(now) {
-            return Vec::new();
-        }
-        owned_in(&v.shards, self.shared.id)
+        self.shared.owned_at(self.shared.now_ms())
     }
 
     /// Ticks whenever [`Self::owned`] may have changed (ownership or lease validity).
@@ -580,18 +592,44 @@ fn conf_change(changes: &[(ConfChangeType, NodeId)]) -> ConfChangeV2 {
     cc
 }
 
-struct Driver {
+/// Where the driver's messages go: the TCP transport, or the simulator's network.
+pub(crate) trait Outbox {
+    fn send(&self, msg: Message);
+    fn set_peer(&self, id: NodeId, addr: SocketAddr);
+    fn remove_peer(&self, id: NodeId);
+}
+
+impl Outbox for Transport {
+    fn send(&self, msg: Message) {
+        Transport::send(self, msg)
+    }
+    fn set_peer(&self, id: NodeId, addr: SocketAddr) {
+        Transport::set_peer(self, id, addr)
+    }
+    fn remove_peer(&self, id: NodeId) {
+        Transport::remove_peer(self, id)
+    }
+}
+
+/// The member's logic over any log store and outbox, with the time given from outside (`now`,
+/// milliseconds of this node's clock): the runtime drives it with the real clock and the TCP
+/// transport, `crate::lease_sim` with simulated clocks and network.
+pub(crate) struct Driver<S: crate::raft_node::LogStore = FileLogStore, O: Outbox = Transport> {
     cfg: ClusterConfig,
     grant: Grant,
-    node: RaftNode<FileLogStore>,
-    transport: Transport,
+    node: RaftNode<S>,
+    transport: O,
     shared: Arc<Shared>,
+    /// This node's clock at the current step (set by whoever drives the driver).
+    now: u64,
     /// Renewal tag → send time (own clock).
     in_flight: BTreeMap<u64, u64>,
     last_renew_sent: Option<u64>,
     leader: Option<LeaderState>,
     /// (owned, lease valid, left, voters, learners) as last announced on `changes`.
     published: Option<Published>,
+    /// A renewal should go out now (it acknowledges a release).
+    ack_now: bool,
 }
 
 impl Driver {
@@ -608,7 +646,7 @@ impl Driver {
         loop {
             let ticked = tokio::select! {
                 _ = shutdown.cancelled() => break,
-                _ = ticker.tick() => { self.node.tick(); true }
+                _ = ticker.tick() => { self.now = self.shared.now_ms(); self.node.tick(); true }
                 msg = inbound.recv() => match msg {
                     Some((from, m)) => {
                         if let Err(e) = self.node.step(m) {
@@ -619,10 +657,12 @@ impl Driver {
                     None => break,
                 },
                 Some((req, reply)) = joins.recv() => {
+                    self.now = self.shared.now_ms();
                     let _ = reply.send(self.join_answer(&req));
                     false
                 }
                 Some(call) = admin.recv() => {
+                    self.now = self.shared.now_ms();
                     match call {
                         AdminCall::AddNode(req, reply) => {
                             let _ = reply.send(self.join_answer(&req));
@@ -634,6 +674,7 @@ impl Driver {
                     false
                 }
             };
+            self.now = self.shared.now_ms();
             if let Err(e) = self.round(ticked) {
                 // A lost write cannot be recovered from in place: stop, the data dir restarts us.
                 warn!(node = self.cfg.id, error = %e, "cluster node stops");
@@ -642,10 +683,42 @@ impl Driver {
         }
         info!(node = self.cfg.id, "cluster node stopped");
     }
+}
+
+impl<S: crate::raft_node::LogStore, O: Outbox> Driver<S, O> {
+    pub(crate) fn new(
+        cfg: ClusterConfig,
+        node: RaftNode<S>,
+        transport: O,
+        shared: Arc<Shared>,
+    ) -> Result<Self, ClusterError> {
+        Ok(Driver {
+            grant: Grant(GrantedLease::new(&cfg.lease, 0)?),
+            cfg,
+            node,
+            transport,
+            shared,
+            now: 0,
+            in_flight: BTreeMap::new(),
+            last_renew_sent: None,
+            leader: None,
+            published: None,
+            ack_now: false,
+        })
+    }
+
+    /// Set this node's clock for the next calls.
+    pub(crate) fn set_now(&mut self, now: u64) {
+        self.now = now;
+    }
+
+    pub(crate) fn raft(&mut self) -> &mut RaftNode<S> {
+        &mut self.node
+    }
 
     /// Admit node `req.id` at `req.addr` (a join request, or the API): propose it to the node table
     /// unless it is there already, and answer with the members' addresses.
-    fn join_answer(&mut self, req: &JoinRequest) -> JoinReply {
+    pub(crate) fn join_answer(&mut self, req: &JoinRequest) -> JoinReply {
         let refuse = |why: String| JoinReply::Refused(why);
         if req.id == 0 {
             return refuse("node id 0 is reserved".into());
@@ -708,7 +781,7 @@ impl Driver {
     }
 
     /// Mark `id` as leaving (see the module doc, "Decommission").
-    fn decommission(&mut self, id: NodeId) -> Result<(), MembershipError> {
+    pub(crate) fn decommission(&mut self, id: NodeId) -> Result<(), MembershipError> {
         let state = self.node.state();
         match state.nodes.get(&id).map(|n| n.state) {
             None => {
@@ -739,10 +812,12 @@ impl Driver {
     }
 
     /// One pass after a tick or a message: ready (persist, apply), send, react, publish.
-    fn round(&mut self, ticked: bool) -> Result<(), RaftNodeError> {
-        self.flush()?;
-        if ticked {
-            let now = self.shared.now_ms();
+    pub(crate) fn round(&mut self, ticked: bool) -> Result<(), RaftNodeError> {
+        let applied = self.flush()?;
+        // Between ticks too when something applied or a release must be acknowledged: a
+        // handoff is a chain of such steps, each otherwise waiting for the next tick.
+        if ticked || applied || self.ack_now {
+            let now = self.now;
             self.maybe_renew(now)?;
             if self.node.is_leader() {
                 self.lead(now)?;
@@ -755,12 +830,13 @@ impl Driver {
     }
 
     /// Persist and apply what raft has, send its messages, note applied renewals, publish.
-    fn flush(&mut self) -> Result<(), RaftNodeError> {
+    /// Returns whether any entry applied.
+    fn flush(&mut self) -> Result<bool, RaftNodeError> {
         let out = self.node.ready()?;
         for m in out.messages {
             self.transport.send(m);
         }
-        let now = self.shared.now_ms();
+        let now = self.now;
         for applied in &out.applied {
             let AppliedKind::Command(
                 Command::RenewLease {
@@ -799,7 +875,7 @@ impl Driver {
             }
         }
         self.publish(now);
-        Ok(())
+        Ok(!out.applied.is_empty())
     }
 
     fn publish(&mut self, now: u64) {
@@ -864,6 +940,17 @@ impl Driver {
         );
         drop(v);
         if self.published.as_ref() != Some(&now_view) {
+            // Shards released: tell the leader at once that this node applied it (the handoff
+            // waits for that), instead of at the next periodic renewal.
+            if let Some(before) = &self.published {
+                if before
+                    .0
+                    .iter()
+                    .any(|(s, _)| !now_view.0.iter().any(|(n, _)| n == s))
+                {
+                    self.ack_now = true;
+                }
+            }
             self.published = Some(now_view);
             self.shared.changes.send_modify(|n| *n = n.wrapping_add(1));
         }
@@ -871,16 +958,19 @@ impl Driver {
 
     /// Send a renewal when the lease asks for one and none is fresh in flight.
     fn maybe_renew(&mut self, now: u64) -> Result<(), RaftNodeError> {
-        if !self.shared.view().lease.must_renew(now) {
+        let ack = self.ack_now;
+        if !ack && !self.shared.view().lease.must_renew(now) {
             return Ok(());
         }
         let retry_after = (self.cfg.lease.renew_every_ms / 2).max(2 * self.cfg.tick_ms);
-        if self
-            .last_renew_sent
-            .is_some_and(|t| now < t.saturating_add(retry_after))
+        if !ack
+            && self
+                .last_renew_sent
+                .is_some_and(|t| now < t.saturating_add(retry_after))
         {
             return Ok(());
         }
+        self.ack_now = false;
         let Some(leader) = self.node.leader() else {
             return Ok(());
         };
