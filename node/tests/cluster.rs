@@ -817,6 +817,62 @@ fn a_joining_node_takes_its_share_and_a_decommissioned_one_hands_off_then_exits(
     );
 }
 
+#[test]
+fn any_member_cancels_a_queued_change_through_the_owner() {
+    let (nodes, _db) = start_cluster();
+    wait_balanced(&nodes.iter().collect::<Vec<_>>());
+    let mut agents = two_agents(&nodes);
+    let host = agents[0].host.clone();
+    let owner = owner_of(&nodes[0], &host);
+    agents[0].stop();
+    let others: Vec<&Node> = nodes
+        .iter()
+        .enumerate()
+        .filter(|(i, _)| *i as u64 + 1 != owner)
+        .map(|(_, n)| n)
+        .collect();
+    // Without its queue, what the owner sends comes back unroutable: the change stays queued.
+    comodit_testkit::delete_queue(&format!("{}.agent.{host}", nodes[0].prefix));
+    let (status, queued) = others[0].api(
+        "POST",
+        &format!("/hosts/{host}/run?async=true"),
+        Some(json!({"argv": ["true"]})),
+    );
+    assert_eq!(status, 202, "{queued}");
+    let change = queued["id"].as_str().unwrap().to_owned();
+    let (_, c) = nodes[0].api("GET", &format!("/hosts/{host}/changes/{change}"), None);
+    assert_eq!(c["status"], "queued", "{c}");
+    // Cancelled through the other non-owner: the owner's actor does it, the store tells.
+    let (status, body) = others[1].api(
+        "POST",
+        &format!("/hosts/{host}/changes/{change}/cancel"),
+        None,
+    );
+    assert_eq!(status, 200, "{body}\n{}", tail(&others[1].log()));
+    assert_eq!(body["status"], "cancelled", "{body}");
+    let (_, seen) =
+        nodes[owner as usize - 1].api("GET", &format!("/hosts/{host}/changes/{change}"), None);
+    assert_eq!(seen["status"], "cancelled", "{seen}");
+    // Once final, a second cancel through a non-owner is a conflict.
+    let (status, body) = others[0].api(
+        "POST",
+        &format!("/hosts/{host}/changes/{change}/cancel"),
+        None,
+    );
+    assert_eq!(status, 409, "{body}");
+    // An unknown change: not found.
+    let (status, body) = others[0].api(
+        "POST",
+        &format!("/hosts/{host}/changes/{}/cancel", uuid_like()),
+        None,
+    );
+    assert_eq!(status, 404, "{body}");
+}
+
+fn uuid_like() -> String {
+    "6f1c2a4e-8d7b-4c3a-9e2f-0a1b2c3d4e5f".into()
+}
+
 // ---------------------------------------------------------------------------------------------
 // Figures (benchmarks, ignored): run on purpose, with release binaries:
 //   COMODIT_TEST_PG_URL=postgres://comodit:comodit@127.0.0.1:5432/postgres \
