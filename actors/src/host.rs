@@ -714,8 +714,17 @@ impl HostState {
                 }
                 info!(reason = %b.reason, "agent said bye");
             }
-            Up::Kick(_) => {
+            Up::Kick(k) => {
                 fetched = self.sync_pending(now).await?;
+                if let Some(change) = k.cancel {
+                    // Asked by another node: the answer is in the store, where it watches.
+                    match self.cancel(ChangeId(change)).await? {
+                        Ok(_) => {}
+                        Err(e) => {
+                            debug!(change = %change, error = %e, "cancel asked through a kick not done")
+                        }
+                    }
+                }
             }
         }
         if online_after != was_online {

@@ -296,9 +296,65 @@ impl Orchestrator {
         Ok(srt.actor(&self.core, host))
     }
 
+    /// `cancel` on a node that does not own the host: ask the owner, then watch the change.
+    async fn cancel_through_owner(
+        &self,
+        core: &Arc<Core>,
+        host: HostId,
+        change: ChangeId,
+    ) -> Result<Change, OpsError> {
+        let Some(before) = core.store.get_change(host, change).await? else {
+            return Err(OpsError::Store(StoreError::NotFound(format!(
+                "change {change} of host {host}"
+            ))));
+        };
+        if !before.status.is_pending() || before.status == ChangeStatus::Dispatched {
+            return Err(OpsError::Store(StoreError::Conflict(format!(
+                "change {change} is {} already",
+                serde_json::to_value(before.status)
+                    .ok()
+                    .and_then(|v| v.as_str().map(str::to_owned))
+                    .unwrap_or_default()
+            ))));
+        }
+        self.kick_with(host, Some(change)).await;
+        let deadline = tokio::time::Instant::now() + core.config.actor_call_timeout;
+        loop {
+            let now = core.store.get_change(host, change).await?;
+            match now {
+                Some(c) if c.status == ChangeStatus::Cancelled => return Ok(c),
+                Some(c) if c.status != ChangeStatus::Queued => {
+                    return Err(OpsError::Store(StoreError::Conflict(format!(
+                        "change {change} was already sent to the host"
+                    ))))
+                }
+                None => {
+                    return Err(OpsError::Store(StoreError::NotFound(format!(
+                        "change {change} of host {host}"
+                    ))))
+                }
+                Some(_) if tokio::time::Instant::now() >= deadline => {
+                    // The owner has not acted yet (a shard moving?): the kick waits for it.
+                    return Err(OpsError::Timeout);
+                }
+                Some(_) => tokio::time::sleep(Duration::from_millis(20)).await,
+            }
+        }
+    }
+
     async fn kick(&self, host: HostId) {
+        self.kick_with(host, None).await
+    }
+
+    /// A kick through the host's own stream; `cancel`: the owner also cancels that change.
+    async fn kick_with(&self, host: HostId, cancel: Option<ChangeId>) {
         let core = &self.core;
-        let body = Up::Kick(Kick { v: V1, host }).encode();
+        let body = Up::Kick(Kick {
+            v: V1,
+            host,
+            cancel: cancel.map(|c| c.0),
+        })
+        .encode();
         let mut msg = OutMessage::json(UpKind::Kick.as_str(), body);
         msg.user_id = Some(core.config.node_user.clone());
         let key = UpKey::new(host, core.n_shards, UpKind::Kick).to_string();
@@ -481,8 +537,15 @@ impl HostOps for Orchestrator {
         if core.store.get_host(host).await?.is_none() {
             return Err(OpsError::UnknownHost(host));
         }
-        // Through the actor, so a cancel never races a dispatch.
-        let addr = self.actor(host)?;
+        // Through the actor, so a cancel never races a dispatch; on a node that does not own the
+        // host, through the owner's actor: a kick naming the change, then the store tells.
+        let addr = match self.actor(host) {
+            Ok(addr) => addr,
+            Err(OpsError::NotOwner(_)) => {
+                return self.cancel_through_owner(&core, host, change).await
+            }
+            Err(e) => return Err(e),
+        };
         match addr
             .send(Cancel(change))
             .timeout(core.config.actor_call_timeout)

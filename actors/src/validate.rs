@@ -183,7 +183,12 @@ mod tests {
     fn only_the_node_kicks() {
         let h = HostId::random();
         let (k, s) = key(h, UpKind::Kick);
-        let kick = Up::Kick(Kick { v: V1, host: h }).encode();
+        let kick = Up::Kick(Kick {
+            v: V1,
+            host: h,
+            cancel: None,
+        })
+        .encode();
         assert!(check(&k, Some("node"), &kick, N, s, "node").is_ok());
         let err = check(&k, Some(&h.to_string()), &kick, N, s, "node").unwrap_err();
         assert_eq!(err.reason(), "forged");

@@ -128,9 +128,15 @@ pub(crate) fn rule(method: &Method, route: &str) -> Rule {
         (_, r) if r == "/api/v1/tokens" || r.starts_with("/api/v1/tokens/") => Rule::Admin,
         (_, "/api/v1/audit") => Rule::Admin,
         (&Method::POST, "/api/v1/orgs") | (&Method::DELETE, "/api/v1/orgs/{org}") => Rule::Admin,
-        (&Method::GET, "/api/v1/orgs" | "/api/v1/hosts" | "/api/v1/events" | "/api/v1/cluster") => {
-            Rule::Listing
-        }
+        (
+            &Method::GET,
+            "/api/v1/orgs"
+            | "/api/v1/hosts"
+            | "/api/v1/events"
+            | "/api/v1/cluster"
+            | "/api/v1/cluster/shards",
+        ) => Rule::Listing,
+        (_, r) if r.starts_with("/api/v1/cluster/") => Rule::Admin,
         _ => Rule::Access,
     }
 }

@@ -43,7 +43,8 @@ use crate::{Shared, PUBLIC_PATHS};
         tokens::revoke_enrollment_token, tokens::create_api_token, tokens::list_api_tokens,
         tokens::revoke_api_token, tokens::list_audit,
         events::events,
-        system::get_cluster,
+        system::get_cluster, system::get_cluster_shards, system::join_node,
+        system::decommission_node,
     ),
     components(schemas(crate::problem::Problem)),
     tags(
@@ -278,6 +279,9 @@ pub(crate) fn endpoint(
         "list_audit" => on(f, tokens::list_audit),
         "events" => on(f, events::events),
         "get_cluster" => on(f, system::get_cluster),
+        "get_cluster_shards" => on(f, system::get_cluster_shards),
+        "join_node" => on(f, system::join_node),
+        "decommission_node" => on(f, system::decommission_node),
         _ => return None,
     };
     Some(r)

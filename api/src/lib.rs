@@ -109,8 +109,30 @@ impl Default for ApiLimits {
     }
 }
 
-/// What this node knows of the cluster, read fresh on every call.
-pub type ClusterProvider = Arc<dyn Fn() -> views::ClusterView + Send + Sync>;
+/// Why a membership request of the cluster routes was refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ClusterOpError {
+    /// It contradicts the node table (unknown node, id taken, last active node, ...): 409.
+    #[error("{0}")]
+    Invalid(String),
+    /// The cluster cannot take it now (no leader yet, busy): 503, retry.
+    #[error("{0}")]
+    Unavailable(String),
+}
+
+/// The control plane as the API sees it (a member of a Raft cluster).
+#[async_trait::async_trait]
+pub trait ClusterControl: Send + Sync {
+    /// What this node knows of the cluster, read fresh on every call.
+    fn view(&self) -> views::ClusterView;
+    /// Admit node `id` whose Raft transport listens at `addr`; answers the members' addresses.
+    async fn add_node(&self, id: u64, addr: String) -> Result<Vec<(u64, String)>, ClusterOpError>;
+    /// Start the graceful removal of node `id` (its shards are handed off first).
+    async fn decommission(&self, id: u64) -> Result<(), ClusterOpError>;
+}
+
+/// The cluster handle the node gives the API.
+pub type ClusterProvider = Arc<dyn ClusterControl>;
 
 /// What the API needs from the node.
 pub struct ApiState {

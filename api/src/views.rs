@@ -542,8 +542,50 @@ pub struct ClusterNodeView {
     /// `active`, `leaving` or `left`.
     #[schema(example = "active")]
     pub state: String,
+    /// Its Raft role: `leader`, `voter`, `learner`, or `none` (not in the configuration: joining
+    /// or left).
+    #[schema(example = "voter")]
+    pub role: String,
     /// The shards it owns.
     pub shards: Vec<u32>,
+}
+
+/// The shard table alone (`GET /api/v1/cluster/shards`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct ShardsView {
+    /// The node that answered.
+    pub id: u64,
+    /// Index = shard number.
+    pub shards: Vec<ShardView>,
+}
+
+/// A node to admit into the cluster (`POST /api/v1/cluster/nodes`).
+#[derive(Debug, Clone, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct JoinNode {
+    /// Its Raft id: positive, never used before in this cluster.
+    pub id: u64,
+    /// The `ip:port` its Raft transport listens on.
+    #[schema(example = "10.0.0.4:7000")]
+    pub addr: String,
+}
+
+/// A member's address (the answer to a join).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct MemberView {
+    pub id: u64,
+    pub addr: String,
+}
+
+/// What a membership request started.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct MembershipAccepted {
+    /// `joining` or `leaving`: follow `GET /api/v1/cluster` for the rest.
+    #[schema(example = "joining")]
+    pub status: String,
+    pub node: u64,
+    /// The members the node should contact (for a join).
+    pub members: Vec<MemberView>,
 }
 
 /// One shard of the shard table.
@@ -569,6 +611,7 @@ impl ClusterView {
                 id: 1,
                 addr: String::new(),
                 state: "active".into(),
+                role: "leader".into(),
                 shards: (0..n_shards).collect(),
             }],
             shards: (0..n_shards)

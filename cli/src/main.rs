@@ -64,13 +64,33 @@ enum Verb {
     Tokens(Tokens),
     /// Stream node events (host online/offline, change status, drift) until interrupted.
     Events,
-    /// The cluster: nodes, leader, term, leases and the shard table.
-    Cluster,
+    /// The cluster: `comodit cluster` shows nodes, roles, leader, term, leases and shards.
+    Cluster {
+        #[command(subcommand)]
+        verb: Option<ClusterVerb>,
+    },
     /// The audit log (admin).
     Audit {
         #[arg(long)]
         cursor: Option<String>,
     },
+}
+
+#[derive(Subcommand)]
+enum ClusterVerb {
+    /// Nodes, roles, leader, term, leases and the shard table (the default).
+    Status,
+    /// The shard table: each shard's owner and epoch.
+    Shards,
+    /// Admit a node (admin); start it with `comodit-node --join <member raft addr>`.
+    Join {
+        /// Its Raft id (positive, never used before).
+        id: u64,
+        /// The ip:port its Raft transport listens on.
+        addr: String,
+    },
+    /// Hand a node's shards off, then remove it from the cluster (admin); its process exits.
+    Decommission { id: u64 },
 }
 
 #[derive(Subcommand)]
@@ -519,7 +539,18 @@ fn run(cli: Cli) -> anyhow::Result<Option<Value>> {
         Verb::Tokens(Tokens::Revoke { id }) => {
             api.call("DELETE", &format!("/tokens/{}", enc(&id)), None)?
         }
-        Verb::Cluster => api.call("GET", "/cluster", None)?,
+        Verb::Cluster { verb } => match verb.unwrap_or(ClusterVerb::Status) {
+            ClusterVerb::Status => api.call("GET", "/cluster", None)?,
+            ClusterVerb::Shards => api.call("GET", "/cluster/shards", None)?,
+            ClusterVerb::Join { id, addr } => api.call(
+                "POST",
+                "/cluster/nodes",
+                Some(json!({"id": id, "addr": addr})),
+            )?,
+            ClusterVerb::Decommission { id } => {
+                api.call("POST", &format!("/cluster/nodes/{id}/decommission"), None)?
+            }
+        },
         Verb::Audit { cursor } => api.call(
             "GET",
             &format!("/audit{}", query(&[("cursor", cursor)])),

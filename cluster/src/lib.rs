@@ -6,6 +6,7 @@
 
 pub mod allocator;
 pub mod lease;
+pub mod lease_sim;
 pub mod log_store;
 pub mod raft_node;
 pub mod runtime;

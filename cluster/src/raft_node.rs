@@ -35,7 +35,8 @@ use std::fmt;
 
 use protobuf::Message as _;
 use raft::eraftpb::{
-    ConfChange, ConfChangeV2, ConfState, Entry, EntryType, HardState, Message, Snapshot,
+    ConfChange, ConfChangeType, ConfChangeV2, ConfState, Entry, EntryType, HardState, Message,
+    MessageType, Snapshot,
 };
 use raft::{Config, RaftState, RawNode, ReadOnlyOption, StateRole, Storage};
 use tracing::{debug, error, warn};
@@ -397,6 +398,8 @@ pub struct RaftNode<S: LogStore = MemLogStore> {
     raw: RawNode<S>,
     state: ClusterState,
     snapshot_interval: u64,
+    /// A node was added: compact at the next opportunity (see `apply_entries`).
+    compact_now: bool,
 }
 
 impl<S: LogStore> fmt::Debug for RaftNode<S> {
@@ -434,6 +437,7 @@ impl<S: LogStore> RaftNode<S> {
             raw,
             state,
             snapshot_interval: config.snapshot_interval.max(1),
+            compact_now: false,
         })
     }
 
@@ -509,6 +513,22 @@ impl<S: LogStore> RaftNode<S> {
         self.raw.raft.prs().conf().to_conf_state()
     }
 
+    /// On the leader: the highest log index known to be replicated on each member (voters and
+    /// learners). Meaningless on a follower.
+    pub fn matched(&self) -> std::collections::BTreeMap<NodeId, u64> {
+        self.raw
+            .raft
+            .prs()
+            .iter()
+            .map(|(id, pr)| (*id, pr.matched))
+            .collect()
+    }
+
+    /// Ask raft to hand leadership to `to` (a voter); it gives up once `to` caught up.
+    pub fn transfer_leader(&mut self, to: NodeId) {
+        self.raw.transfer_leader(to);
+    }
+
     /// The persistent store.
     pub fn store(&self) -> &S {
         self.raw.store()
@@ -566,6 +586,18 @@ impl<S: LogStore> RaftNode<S> {
                 break;
             }
             self.ready_round(&mut out)?;
+        }
+        // The network may lose a snapshot, and raft waits for a report before sending another:
+        // report it sent. If it was lost, the follower rejects the next append and raft sends a
+        // new one; without the report, that follower would stay behind for good.
+        let snapshots_to: Vec<NodeId> = out
+            .messages
+            .iter()
+            .filter(|m| m.get_msg_type() == MessageType::MsgSnapshot)
+            .map(|m| m.to)
+            .collect();
+        for to in snapshots_to {
+            self.raw.report_snapshot(to, raft::SnapshotStatus::Finish);
         }
         self.maybe_compact(&mut out)?;
         Ok(out)
@@ -649,7 +681,20 @@ impl<S: LogStore> RaftNode<S> {
                     self.state.advance_to(index);
                     match parsed {
                         Ok(cc) => match self.raw.apply_conf_change(&cc) {
-                            Ok(cs) => AppliedKind::ConfChange(cs),
+                            Ok(cs) => {
+                                // A node added now starts from an empty log; the entries before
+                                // this one do not hold the founding membership (that is in the
+                                // bootstrap snapshot), so it must start from a snapshot: compact
+                                // here, on every node, so that any later leader sends one.
+                                if cc
+                                    .get_changes()
+                                    .iter()
+                                    .any(|c| c.get_change_type() != ConfChangeType::RemoveNode)
+                                {
+                                    self.compact_now = true;
+                                }
+                                AppliedKind::ConfChange(cs)
+                            }
                             Err(e) => {
                                 // Deterministic on every node: raft validates against the same
                                 // configuration everywhere.
@@ -672,9 +717,12 @@ impl<S: LogStore> RaftNode<S> {
     fn maybe_compact(&mut self, out: &mut Output) -> Result<(), RaftNodeError> {
         let applied = self.state.applied_index;
         let snap_index = self.raw.store().latest_snapshot().get_metadata().index;
-        if applied < snap_index + self.snapshot_interval {
+        let due = applied >= snap_index + self.snapshot_interval
+            || (self.compact_now && applied > snap_index);
+        if !due {
             return Ok(());
         }
+        self.compact_now = false;
         let Ok(term) = self.raw.raft.raft_log.term(applied) else {
             return Ok(());
         };

@@ -29,8 +29,22 @@
 //! new leader does not know which handoff its predecessor left half done, so it first waits the
 //! same way for every node to apply the log it inherited.
 //!
-//! **Not here yet:** membership changes at runtime (`ConfChangeV2`, joining a node that is not a
-//! founding voter) and an API to propose commands from outside.
+//! **Membership.** A node started with `join` contacts the members it was given over the
+//! transport's join connection (`transport::request_join`); the member that answers proposes
+//! [`Command::AddNode`] for it (forwarded to the leader) and tells it every member's address. The
+//! leader then, one `ConfChangeV2` at a time: adds every node of the node table that Raft does not
+//! know yet as a *learner*; promotes a caught-up active learner to voter while there are fewer than
+//! [`MAX_VOTERS`]; removes a node that left, promoting a learner in the same change when a voter
+//! goes (joint consensus). Adding a node makes every member compact its log, so a newcomer always
+//! starts from a snapshot (the founding membership is in the bootstrap snapshot, not in the log).
+//! A newcomer is *live* (gets shards) only once one of its lease renewals applied.
+//!
+//! **Decommission** ([`ClusterNode::decommission`]): the node is marked `Leaving`; the allocation
+//! skips it, so its shards leave it through the usual two-step handoff (it keeps renewing its lease
+//! and acting for what it still owns meanwhile); once it owns nothing, the leader proposes
+//! [`Command::RemoveNode`] (`Left`), waits until the node applied that (or surely stopped), and
+//! removes it from the Raft configuration (handing leadership away first if the leader itself
+//! leaves). [`ClusterNode::finished`] tells the process when it may exit.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::SocketAddr;
@@ -38,8 +52,8 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use raft::eraftpb::{Entry, Message, MessageType};
-use tokio::sync::{mpsc, watch};
+use raft::eraftpb::{ConfChangeSingle, ConfChangeType, ConfChangeV2, Entry, Message, MessageType};
+use tokio::sync::{mpsc, oneshot, watch};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn, Instrument};
 
@@ -48,7 +62,9 @@ use crate::lease::{GrantedLease, HeldLease, LeaseConfig, LeaseConfigError};
 use crate::log_store::{FileLogStore, FileStoreError};
 use crate::raft_node::{tracing_logger, AppliedKind, RaftNode, RaftNodeConfig, RaftNodeError};
 use crate::state::{ClusterState, Command, NodeState, Outcome, ShardEntry, MAX_COMMAND_BYTES};
-use crate::transport::{Transport, TransportConfig, TransportError};
+use crate::transport::{
+    request_join, JoinCall, JoinReply, JoinRequest, Transport, TransportConfig, TransportError,
+};
 use crate::NodeId;
 
 /// Messages from peers waiting for the driver task.
@@ -58,6 +74,17 @@ const INBOUND_QUEUE: usize = 4096;
 const MAX_RENEWALS_IN_FLIGHT: usize = 8;
 /// Name of the Raft log file inside `data_dir`.
 const LOG_FILE: &str = "raft.redb";
+/// Most voters; further nodes stay learners (they own shards all the same).
+pub const MAX_VOTERS: usize = 5;
+/// A learner within this many entries of the commit index counts as caught up.
+const CATCH_UP_SLACK: u64 = 50;
+/// Pause between two rounds of join requests while this node is not a member yet.
+const JOIN_RETRY: Duration = Duration::from_secs(1);
+/// A node that left but never confirmed it knows is removed from the configuration after this
+/// many lease lengths (it died while leaving).
+const LEFT_GIVE_UP_LEASES: u64 = 10;
+/// Requests from the API waiting for the driver.
+const ADMIN_QUEUE: usize = 64;
 
 /// Settings of one control-plane member.
 #[derive(Clone)]
@@ -71,7 +98,10 @@ pub struct ClusterConfig {
     /// Where the Raft log lives.
     pub data_dir: PathBuf,
     /// The founding voters, this node included, with their Raft addresses (for bootstrap).
+    /// Empty for a node that joins a running cluster.
     pub peers: BTreeMap<NodeId, SocketAddr>,
+    /// Members to ask for admission (a node that joins a running cluster); empty for founders.
+    pub join: Vec<SocketAddr>,
     /// Number of shards the cluster is initialized with.
     pub n_shards: u32,
     /// Raft tick period (100 in production).
@@ -87,6 +117,7 @@ impl std::fmt::Debug for ClusterConfig {
             .field("listen", &self.listen)
             .field("data_dir", &self.data_dir)
             .field("peers", &self.peers)
+            .field("join", &self.join)
             .field("n_shards", &self.n_shards)
             .field("tick_ms", &self.tick_ms)
             .field("lease", &self.lease)
@@ -148,6 +179,27 @@ pub struct ClusterStatus {
     pub nodes: Vec<NodeStatus>,
     /// Whether this node's lease is valid now.
     pub lease_valid: bool,
+    /// Raft voters (as applied here).
+    pub voters: Vec<NodeId>,
+    /// Raft learners (as applied here).
+    pub learners: Vec<NodeId>,
+}
+
+/// Why [`ClusterNode::add_node`] or [`ClusterNode::decommission`] refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum MembershipError {
+    /// The request contradicts the node table (unknown node, id taken, last active node, ...).
+    #[error("{0}")]
+    Invalid(String),
+    /// The cluster cannot take it now (no leader, the driver is busy or stopped): retry.
+    #[error("{0}")]
+    Unavailable(String),
+}
+
+/// Membership requests from outside the driver (the API).
+pub(crate) enum AdminCall {
+    AddNode(JoinRequest, oneshot::Sender<JoinReply>),
+    Decommission(NodeId, oneshot::Sender<Result<(), MembershipError>>),
 }
 
 /// What the driver task publishes for readers.
@@ -158,16 +210,68 @@ struct View {
     nodes: Vec<NodeStatus>,
     shards: Vec<ShardEntry>,
     lease: HeldLease,
+    voters: Vec<NodeId>,
+    learners: Vec<NodeId>,
+    /// When (own clock) this node saw itself `Left`.
+    left_at: Option<u64>,
 }
 
-struct Shared {
+pub(crate) struct Shared {
     id: NodeId,
     origin: Instant,
     view: Mutex<View>,
     changes: watch::Sender<u64>,
+    admin: mpsc::Sender<AdminCall>,
+    /// How long a node that left waits to be removed from the configuration before it stops anyway.
+    linger_ms: u64,
 }
 
 impl Shared {
+    pub(crate) fn new(
+        cfg: &ClusterConfig,
+        held: HeldLease,
+        admin: mpsc::Sender<AdminCall>,
+    ) -> Arc<Shared> {
+        Arc::new(Shared {
+            id: cfg.id,
+            origin: Instant::now(),
+            view: Mutex::new(View {
+                leader: None,
+                term: 0,
+                commit: 0,
+                nodes: Vec::new(),
+                shards: Vec::new(),
+                lease: held,
+                voters: Vec::new(),
+                learners: Vec::new(),
+                left_at: None,
+            }),
+            changes: watch::channel(0).0,
+            admin,
+            // Long enough for a few renewals to tell the leader this node saw itself leave.
+            linger_ms: 3 * cfg.lease.renew_every_ms + 500,
+        })
+    }
+
+    /// The shards this node acts for at `now` (its clock): those it owns while its lease is valid.
+    pub(crate) fn owned_at(&self, now: u64) -> Vec<(u32, u64)> {
+        let v = self.view();
+        if !v.lease.is_valid(now) {
+            return Vec::new();
+        }
+        owned_in(&v.shards, self.id)
+    }
+
+    /// The epoch of every shard in this node's view of the table.
+    pub(crate) fn table_epochs(&self) -> Vec<u64> {
+        self.view().shards.iter().map(|s| s.epoch).collect()
+    }
+
+    /// The node table as this node applied it.
+    pub(crate) fn node_states(&self) -> BTreeMap<NodeId, NodeState> {
+        self.view().nodes.iter().map(|n| (n.id, n.state)).collect()
+    }
+
     fn now_ms(&self) -> u64 {
         u64::try_from(self.origin.elapsed().as_millis()).unwrap_or(u64::MAX)
     }
@@ -201,11 +305,16 @@ impl ClusterNode {
         if cfg.id == 0 {
             return Err(ClusterError::Config("node id 0 is reserved".into()));
         }
-        if !cfg.peers.contains_key(&cfg.id) {
+        if cfg.join.is_empty() && !cfg.peers.contains_key(&cfg.id) {
             return Err(ClusterError::Config(format!(
                 "peers must include this node ({})",
                 cfg.id
             )));
+        }
+        if !cfg.join.is_empty() && cfg.listen.ip().is_unspecified() {
+            return Err(ClusterError::Config(
+                "a joining node must listen on the address the members dial (not 0.0.0.0)".into(),
+            ));
         }
         if cfg.tick_ms == 0 {
             return Err(ClusterError::Config("tick_ms must be at least 1".into()));
@@ -215,7 +324,12 @@ impl ClusterNode {
             path: cfg.data_dir.clone(),
             source,
         })?;
-        let voters: Vec<NodeId> = cfg.peers.keys().copied().collect();
+        // A joiner starts empty: it receives a snapshot once the leader added it.
+        let voters: Vec<NodeId> = if cfg.join.is_empty() {
+            cfg.peers.keys().copied().collect()
+        } else {
+            Vec::new()
+        };
         let path = cfg.data_dir.join(LOG_FILE);
         // Opening reads the whole log: off the async threads.
         let store = tokio::task::spawn_blocking(move || FileLogStore::bootstrap(&path, &voters))
@@ -236,34 +350,26 @@ impl ClusterNode {
                 transport.set_peer(id, addr);
             }
         }
-        let shared = Arc::new(Shared {
-            id: cfg.id,
-            origin: Instant::now(),
-            view: Mutex::new(View {
-                leader: None,
-                term: node.term(),
-                commit: node.commit_index(),
-                nodes: Vec::new(),
-                shards: Vec::new(),
-                lease: held,
-            }),
-            changes: watch::channel(0).0,
-        });
-        let driver = Driver {
-            grant: Grant(GrantedLease::new(&cfg.lease, 0)?),
-            cfg,
-            node,
-            transport,
-            shared: shared.clone(),
-            in_flight: BTreeMap::new(),
-            last_renew_sent: None,
-            leader: None,
-            published: None,
-        };
+        let (joins_tx, joins_rx) = mpsc::channel(ADMIN_QUEUE);
+        transport.serve_joins(joins_tx);
+        let (admin_tx, admin_rx) = mpsc::channel(ADMIN_QUEUE);
+        let shared = Shared::new(&cfg, held, admin_tx);
+        if !cfg.join.is_empty() {
+            tokio::spawn(
+                ask_to_join(
+                    cfg.clone(),
+                    transport.clone(),
+                    shared.clone(),
+                    shutdown.clone(),
+                )
+                .instrument(tracing::info_span!("cluster_join", node = cfg.id)),
+            );
+        }
+        let driver = Driver::new(cfg, node, transport, shared.clone())?;
         let id = driver.cfg.id;
         tokio::spawn(
             driver
-                .run(inbound_rx, shutdown)
+                .run(inbound_rx, joins_rx, admin_rx, shutdown)
                 .instrument(tracing::info_span!("cluster_node", node = id)),
         );
         Ok(ClusterNode { shared })
@@ -280,6 +386,54 @@ impl ClusterNode {
             commit: v.commit,
             nodes: v.nodes.clone(),
             lease_valid: v.lease.is_valid(now),
+            voters: v.voters.clone(),
+            learners: v.learners.clone(),
+        }
+    }
+
+    /// Add node `id` whose transport listens at `addr` (what a join request does; the node itself
+    /// must run with `join` set to learn the members). Answers once proposed, not once applied.
+    pub async fn add_node(&self, id: NodeId, addr: String) -> Result<JoinReply, MembershipError> {
+        let (tx, rx) = oneshot::channel();
+        self.call(AdminCall::AddNode(JoinRequest { id, addr }, tx))
+            .await?;
+        let reply = rx.await.map_err(|_| stopped())?;
+        match reply {
+            JoinReply::Refused(why) if why.starts_with(RETRY_MARK) => Err(
+                MembershipError::Unavailable(why.trim_start_matches(RETRY_MARK).to_owned()),
+            ),
+            JoinReply::Refused(why) => Err(MembershipError::Invalid(why)),
+            accepted => Ok(accepted),
+        }
+    }
+
+    /// Start the graceful removal of node `id` (see the module doc). Answers once proposed; the
+    /// node table shows `leaving`, then `left`.
+    pub async fn decommission(&self, id: NodeId) -> Result<(), MembershipError> {
+        let (tx, rx) = oneshot::channel();
+        self.call(AdminCall::Decommission(id, tx)).await?;
+        rx.await.map_err(|_| stopped())?
+    }
+
+    async fn call(&self, call: AdminCall) -> Result<(), MembershipError> {
+        tokio::time::timeout(Duration::from_secs(5), self.shared.admin.send(call))
+            .await
+            .map_err(|_| MembershipError::Unavailable("the cluster driver is busy".into()))?
+            .map_err(|_| stopped())
+    }
+
+    /// True once this node left the cluster and was removed from the Raft configuration (or left
+    /// long enough ago that it will not be needed): the process may exit.
+    pub fn finished(&self) -> bool {
+        let now = self.shared.now_ms();
+        let v = self.shared.view();
+        match v.left_at {
+            None => false,
+            Some(at) => {
+                let id = self.shared.id;
+                let in_conf = v.voters.contains(&id) || v.learners.contains(&id);
+                !in_conf || now >= at.saturating_add(self.shared.linger_ms)
+            }
         }
     }
 
@@ -291,17 +445,62 @@ impl ClusterNode {
     /// This node's view for the actors: shards it owns with their epochs, only while its lease is
     /// valid (empty otherwise).
     pub fn owned(&self) -> Vec<(u32, u64)> {
-        let now = self.shared.now_ms();
-        let v = self.shared.view();
-        if !v.lease.is_valid(now) {
-            return Vec::new();
-        }
-        owned_in(&v.shards, self.shared.id)
+        self.shared.owned_at(self.shared.now_ms())
     }
 
     /// Ticks whenever [`Self::owned`] may have changed (ownership or lease validity).
     pub fn changes(&self) -> watch::Receiver<u64> {
         self.shared.changes.subscribe()
+    }
+}
+
+fn stopped() -> MembershipError {
+    MembershipError::Unavailable("the cluster node is stopping".into())
+}
+
+/// Prefix of a [`JoinReply::Refused`] reason that means "try again later".
+const RETRY_MARK: &str = "retry: ";
+
+/// A joiner's loop: ask the contacts until this node shows in its own node table.
+async fn ask_to_join(
+    cfg: ClusterConfig,
+    transport: Transport,
+    shared: Arc<Shared>,
+    shutdown: CancellationToken,
+) {
+    let me = cfg.id;
+    let my_addr = cfg.listen.to_string();
+    let secret = cfg.cluster_secret.as_bytes().to_vec();
+    loop {
+        if shared.view().nodes.iter().any(|n| n.id == me) {
+            info!(node = me, "member of the cluster");
+            return;
+        }
+        for &contact in &cfg.join {
+            match request_join(contact, &secret, me, &my_addr).await {
+                Ok(JoinReply::Accepted { members }) => {
+                    for (id, addr) in members {
+                        if id == me {
+                            continue;
+                        }
+                        match addr.parse::<SocketAddr>() {
+                            Ok(a) => transport.set_peer(id, a),
+                            Err(_) => warn!(node = me, peer = id, addr, "member address unusable"),
+                        }
+                    }
+                    debug!(node = me, %contact, "join accepted");
+                    break;
+                }
+                Ok(JoinReply::Refused(why)) => {
+                    warn!(node = me, %contact, reason = why, "join refused")
+                }
+                Err(e) => debug!(node = me, %contact, error = %e, "join request failed"),
+            }
+        }
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tokio::time::sleep(JOIN_RETRY) => {}
+        }
     }
 }
 
@@ -326,6 +525,8 @@ impl Grant {
     }
 }
 
+type Published = (Vec<(u32, u64)>, bool, bool, Vec<NodeId>, Vec<NodeId>);
+
 /// Leader-only bookkeeping, reset at every takeover.
 struct LeaderState {
     term: u64,
@@ -337,26 +538,106 @@ struct LeaderState {
     outstanding: Option<u64>,
     /// A handoff in progress: the index of the unassignment and the nodes that must apply it.
     handoff: Option<(u64, BTreeSet<NodeId>)>,
+    /// Last log index at the takeover (what a node must have applied for a predecessor's
+    /// proposals to be known to it).
+    takeover_index: u64,
+    /// Per node that left: the index of its [`Command::RemoveNode`] as proposed by this leader.
+    left_at: BTreeMap<NodeId, u64>,
+    /// Per node that left and is still in the configuration: when this leader first saw that.
+    left_seen: BTreeMap<NodeId, u64>,
 }
 
-struct Driver {
+/// Raft's membership as the leader sees it.
+struct Membership {
+    voters: Vec<NodeId>,
+    learners: Vec<NodeId>,
+    matched: BTreeMap<NodeId, u64>,
+    commit: u64,
+}
+
+impl Membership {
+    fn contains(&self, id: NodeId) -> bool {
+        self.voters.contains(&id) || self.learners.contains(&id)
+    }
+
+    fn caught_up(&self, id: NodeId) -> bool {
+        self.matched
+            .get(&id)
+            .is_some_and(|m| m.saturating_add(CATCH_UP_SLACK) >= self.commit)
+    }
+}
+
+/// What the leader does next.
+#[derive(Debug, Clone, PartialEq)]
+enum Admin {
+    Command(Command),
+    ConfChange(ConfChangeV2),
+    TransferLeader(NodeId),
+}
+
+fn conf_change(changes: &[(ConfChangeType, NodeId)]) -> ConfChangeV2 {
+    let mut cc = ConfChangeV2::default();
+    cc.set_changes(
+        changes
+            .iter()
+            .map(|&(t, id)| {
+                let mut c = ConfChangeSingle::default();
+                c.set_change_type(t);
+                c.node_id = id;
+                c
+            })
+            .collect::<Vec<_>>()
+            .into(),
+    );
+    cc
+}
+
+/// Where the driver's messages go: the TCP transport, or the simulator's network.
+pub(crate) trait Outbox {
+    fn send(&self, msg: Message);
+    fn set_peer(&self, id: NodeId, addr: SocketAddr);
+    fn remove_peer(&self, id: NodeId);
+}
+
+impl Outbox for Transport {
+    fn send(&self, msg: Message) {
+        Transport::send(self, msg)
+    }
+    fn set_peer(&self, id: NodeId, addr: SocketAddr) {
+        Transport::set_peer(self, id, addr)
+    }
+    fn remove_peer(&self, id: NodeId) {
+        Transport::remove_peer(self, id)
+    }
+}
+
+/// The member's logic over any log store and outbox, with the time given from outside (`now`,
+/// milliseconds of this node's clock): the runtime drives it with the real clock and the TCP
+/// transport, `crate::lease_sim` with simulated clocks and network.
+pub(crate) struct Driver<S: crate::raft_node::LogStore = FileLogStore, O: Outbox = Transport> {
     cfg: ClusterConfig,
     grant: Grant,
-    node: RaftNode<FileLogStore>,
-    transport: Transport,
+    node: RaftNode<S>,
+    transport: O,
     shared: Arc<Shared>,
+    /// This node's clock at the current step (set by whoever drives the driver).
+    now: u64,
     /// Renewal tag → send time (own clock).
     in_flight: BTreeMap<u64, u64>,
     last_renew_sent: Option<u64>,
     leader: Option<LeaderState>,
-    /// (owned, lease valid) as last announced on `changes`.
-    published: Option<(Vec<(u32, u64)>, bool)>,
+    /// (owned, lease valid, left, voters, learners) as last announced on `changes`.
+    published: Option<Published>,
+    /// A renewal should go out now (it acknowledges a release).
+    ack_now: bool,
 }
 
 impl Driver {
     async fn run(
         mut self,
         mut inbound: mpsc::Receiver<(NodeId, Message)>,
+        mut joins: mpsc::Receiver<JoinCall>,
+        mut admin: mpsc::Receiver<AdminCall>,
         shutdown: CancellationToken,
     ) {
         let mut ticker = tokio::time::interval(Duration::from_millis(self.cfg.tick_ms));
@@ -365,7 +646,7 @@ impl Driver {
         loop {
             let ticked = tokio::select! {
                 _ = shutdown.cancelled() => break,
-                _ = ticker.tick() => { self.node.tick(); true }
+                _ = ticker.tick() => { self.now = self.shared.now_ms(); self.node.tick(); true }
                 msg = inbound.recv() => match msg {
                     Some((from, m)) => {
                         if let Err(e) = self.node.step(m) {
@@ -375,7 +656,25 @@ impl Driver {
                     }
                     None => break,
                 },
+                Some((req, reply)) = joins.recv() => {
+                    self.now = self.shared.now_ms();
+                    let _ = reply.send(self.join_answer(&req));
+                    false
+                }
+                Some(call) = admin.recv() => {
+                    self.now = self.shared.now_ms();
+                    match call {
+                        AdminCall::AddNode(req, reply) => {
+                            let _ = reply.send(self.join_answer(&req));
+                        }
+                        AdminCall::Decommission(id, reply) => {
+                            let _ = reply.send(self.decommission(id));
+                        }
+                    }
+                    false
+                }
             };
+            self.now = self.shared.now_ms();
             if let Err(e) = self.round(ticked) {
                 // A lost write cannot be recovered from in place: stop, the data dir restarts us.
                 warn!(node = self.cfg.id, error = %e, "cluster node stops");
@@ -384,12 +683,141 @@ impl Driver {
         }
         info!(node = self.cfg.id, "cluster node stopped");
     }
+}
+
+impl<S: crate::raft_node::LogStore, O: Outbox> Driver<S, O> {
+    pub(crate) fn new(
+        cfg: ClusterConfig,
+        node: RaftNode<S>,
+        transport: O,
+        shared: Arc<Shared>,
+    ) -> Result<Self, ClusterError> {
+        Ok(Driver {
+            grant: Grant(GrantedLease::new(&cfg.lease, 0)?),
+            cfg,
+            node,
+            transport,
+            shared,
+            now: 0,
+            in_flight: BTreeMap::new(),
+            last_renew_sent: None,
+            leader: None,
+            published: None,
+            ack_now: false,
+        })
+    }
+
+    /// Set this node's clock for the next calls.
+    pub(crate) fn set_now(&mut self, now: u64) {
+        self.now = now;
+    }
+
+    pub(crate) fn raft(&mut self) -> &mut RaftNode<S> {
+        &mut self.node
+    }
+
+    /// Admit node `req.id` at `req.addr` (a join request, or the API): propose it to the node table
+    /// unless it is there already, and answer with the members' addresses.
+    pub(crate) fn join_answer(&mut self, req: &JoinRequest) -> JoinReply {
+        let refuse = |why: String| JoinReply::Refused(why);
+        if req.id == 0 {
+            return refuse("node id 0 is reserved".into());
+        }
+        let Ok(addr) = req.addr.parse::<SocketAddr>() else {
+            return refuse(format!("{:?} is not an ip:port address", req.addr));
+        };
+        if addr.ip().is_unspecified() || addr.port() == 0 {
+            return refuse(format!("{addr} cannot be dialed"));
+        }
+        let state = self.node.state();
+        match state.nodes.get(&req.id) {
+            Some(n) if n.state == NodeState::Left => {
+                return refuse(format!(
+                    "node {} left the cluster; ids are never reused",
+                    req.id
+                ))
+            }
+            Some(n) if n.addr != req.addr => {
+                return refuse(format!("node {} is a member at {}", req.id, n.addr))
+            }
+            Some(_) => {}
+            None if req.id == self.cfg.id => {
+                return refuse(format!("{RETRY_MARK}node {} is not a member yet", req.id))
+            }
+            None => {
+                if state.n_shards == 0 || self.node.leader().is_none() {
+                    return refuse(format!("{RETRY_MARK}the cluster has no leader yet"));
+                }
+                let cmd = Command::AddNode {
+                    id: req.id,
+                    addr: req.addr.clone(),
+                };
+                if let Err(e) = self.propose_anywhere(&cmd) {
+                    return refuse(format!("{RETRY_MARK}not proposed: {e}"));
+                }
+                info!(node = self.cfg.id, joiner = req.id, addr = %req.addr, "node admission proposed");
+            }
+        }
+        if req.id != self.cfg.id {
+            self.transport.set_peer(req.id, addr);
+        }
+        let mut members: BTreeMap<NodeId, String> = self
+            .cfg
+            .peers
+            .iter()
+            .map(|(id, a)| (*id, a.to_string()))
+            .collect();
+        for (id, n) in &self.node.state().nodes {
+            if n.state == NodeState::Left {
+                members.remove(id);
+            } else {
+                members.insert(*id, n.addr.clone());
+            }
+        }
+        members.insert(self.cfg.id, self.cfg.listen.to_string());
+        JoinReply::Accepted {
+            members: members.into_iter().collect(),
+        }
+    }
+
+    /// Mark `id` as leaving (see the module doc, "Decommission").
+    pub(crate) fn decommission(&mut self, id: NodeId) -> Result<(), MembershipError> {
+        let state = self.node.state();
+        match state.nodes.get(&id).map(|n| n.state) {
+            None => {
+                return Err(MembershipError::Invalid(format!(
+                    "node {id} is not a member"
+                )))
+            }
+            Some(NodeState::Left) => {
+                return Err(MembershipError::Invalid(format!("node {id} already left")))
+            }
+            Some(NodeState::Leaving) => return Ok(()),
+            Some(NodeState::Active) => {}
+        }
+        if !state.active_nodes().iter().any(|&n| n != id) {
+            return Err(MembershipError::Invalid(format!(
+                "node {id} is the last active node: nobody could take its shards"
+            )));
+        }
+        if self.node.leader().is_none() {
+            return Err(MembershipError::Unavailable(
+                "the cluster has no leader yet".into(),
+            ));
+        }
+        self.propose_anywhere(&Command::NodeLeaving { id })
+            .map_err(|e| MembershipError::Unavailable(format!("not proposed: {e}")))?;
+        info!(node = self.cfg.id, leaving = id, "decommission proposed");
+        Ok(())
+    }
 
     /// One pass after a tick or a message: ready (persist, apply), send, react, publish.
-    fn round(&mut self, ticked: bool) -> Result<(), RaftNodeError> {
-        self.flush()?;
-        if ticked {
-            let now = self.shared.now_ms();
+    pub(crate) fn round(&mut self, ticked: bool) -> Result<(), RaftNodeError> {
+        let applied = self.flush()?;
+        // Between ticks too when something applied or a release must be acknowledged: a
+        // handoff is a chain of such steps, each otherwise waiting for the next tick.
+        if ticked || applied || self.ack_now {
+            let now = self.now;
             self.maybe_renew(now)?;
             if self.node.is_leader() {
                 self.lead(now)?;
@@ -402,12 +830,13 @@ impl Driver {
     }
 
     /// Persist and apply what raft has, send its messages, note applied renewals, publish.
-    fn flush(&mut self) -> Result<(), RaftNodeError> {
+    /// Returns whether any entry applied.
+    fn flush(&mut self) -> Result<bool, RaftNodeError> {
         let out = self.node.ready()?;
         for m in out.messages {
             self.transport.send(m);
         }
-        let now = self.shared.now_ms();
+        let now = self.now;
         for applied in &out.applied {
             let AppliedKind::Command(
                 Command::RenewLease {
@@ -446,7 +875,7 @@ impl Driver {
             }
         }
         self.publish(now);
-        Ok(())
+        Ok(!out.applied.is_empty())
     }
 
     fn publish(&mut self, now: u64) {
@@ -457,6 +886,23 @@ impl Driver {
         v.commit = self.node.commit_index();
         if v.shards != state.shards {
             v.shards = state.shards.clone();
+        }
+        let conf = self.node.conf_state();
+        v.voters = conf.voters.clone();
+        v.voters.sort_unstable();
+        v.learners = conf.learners.clone();
+        v.learners.sort_unstable();
+        let me_left = state
+            .nodes
+            .get(&self.cfg.id)
+            .is_some_and(|n| n.state == NodeState::Left);
+        match (me_left, v.left_at) {
+            (true, None) => {
+                info!(node = self.cfg.id, "this node left the cluster");
+                v.left_at = Some(now);
+            }
+            (false, Some(_)) => v.left_at = None,
+            _ => {}
         }
         if v.nodes.len() != state.nodes.len()
             || v.nodes
@@ -473,10 +919,38 @@ impl Driver {
                     state: n.state,
                 })
                 .collect();
+            // The node table is where members learn each other's addresses.
+            for (id, n) in &state.nodes {
+                if *id == self.cfg.id {
+                    continue;
+                }
+                match (n.state, n.addr.parse::<SocketAddr>()) {
+                    (NodeState::Left, _) => self.transport.remove_peer(*id),
+                    (_, Ok(addr)) => self.transport.set_peer(*id, addr),
+                    (_, Err(_)) => {}
+                }
+            }
         }
-        let now_view = (owned_in(&v.shards, self.cfg.id), v.lease.is_valid(now));
+        let now_view = (
+            owned_in(&v.shards, self.cfg.id),
+            v.lease.is_valid(now),
+            v.left_at.is_some(),
+            v.voters.clone(),
+            v.learners.clone(),
+        );
         drop(v);
         if self.published.as_ref() != Some(&now_view) {
+            // Shards released: tell the leader at once that this node applied it (the handoff
+            // waits for that), instead of at the next periodic renewal.
+            if let Some(before) = &self.published {
+                if before
+                    .0
+                    .iter()
+                    .any(|(s, _)| !now_view.0.iter().any(|(n, _)| n == s))
+                {
+                    self.ack_now = true;
+                }
+            }
             self.published = Some(now_view);
             self.shared.changes.send_modify(|n| *n = n.wrapping_add(1));
         }
@@ -484,16 +958,19 @@ impl Driver {
 
     /// Send a renewal when the lease asks for one and none is fresh in flight.
     fn maybe_renew(&mut self, now: u64) -> Result<(), RaftNodeError> {
-        if !self.shared.view().lease.must_renew(now) {
+        let ack = self.ack_now;
+        if !ack && !self.shared.view().lease.must_renew(now) {
             return Ok(());
         }
         let retry_after = (self.cfg.lease.renew_every_ms / 2).max(2 * self.cfg.tick_ms);
-        if self
-            .last_renew_sent
-            .is_some_and(|t| now < t.saturating_add(retry_after))
+        if !ack
+            && self
+                .last_renew_sent
+                .is_some_and(|t| now < t.saturating_add(retry_after))
         {
             return Ok(());
         }
+        self.ack_now = false;
         let Some(leader) = self.node.leader() else {
             return Ok(());
         };
@@ -543,7 +1020,7 @@ impl Driver {
         self.node.step(m)
     }
 
-    /// The leader's shard-table upkeep: one admin proposal at a time.
+    /// The leader's upkeep of the shard table and the membership: one proposal at a time.
     fn lead(&mut self, now: u64) -> Result<(), RaftNodeError> {
         let term = self.node.term();
         if self.leader.as_ref().is_none_or(|l| l.term != term) {
@@ -556,6 +1033,7 @@ impl Driver {
                 .map(|&id| (id, (self.grant.fresh(now), self.node.state().lease_seq(id))))
                 .collect();
             info!(node = self.cfg.id, term, "leading the control plane");
+            let takeover_index = self.node.last_index();
             self.leader = Some(LeaderState {
                 term,
                 granted,
@@ -564,9 +1042,12 @@ impl Driver {
                 // A handoff the previous leader started may be half done: before giving out any
                 // unowned shard, every live node must have applied the whole log it inherited.
                 handoff: Some((
-                    self.node.last_index(),
+                    takeover_index,
                     self.node.state().nodes.keys().copied().collect(),
                 )),
+                takeover_index,
+                left_at: BTreeMap::new(),
+                left_seen: BTreeMap::new(),
             });
         }
         let state = self.node.state().clone();
@@ -577,107 +1058,228 @@ impl Driver {
             return Ok(());
         }
         l.outstanding = None;
-        // Nodes added since the takeover count from their first sight.
-        for &id in state.nodes.keys() {
-            l.granted
-                .entry(id)
-                .or_insert_with(|| (self.grant.fresh(now), state.lease_seq(id)));
-        }
-        let cmd = next_admin_command(&self.cfg, &state, l, now, self.node.conf_state().voters);
-        let Some(cmd) = cmd else {
+        let mut conf = self.node.conf_state();
+        conf.voters.sort_unstable();
+        conf.learners.sort_unstable();
+        let members = Membership {
+            voters: conf.voters,
+            learners: conf.learners,
+            matched: self.node.matched(),
+            commit: self.node.commit_index(),
+        };
+        let Some(next) = next_admin_command(&self.cfg, &state, l, now, &members) else {
             return Ok(());
         };
-        debug!(node = self.cfg.id, ?cmd, "leader proposes");
+        debug!(node = self.cfg.id, ?next, "leader proposes");
+        let cmd = match next {
+            Admin::TransferLeader(to) => {
+                info!(
+                    node = self.cfg.id,
+                    to, "handing leadership over before leaving"
+                );
+                self.node.transfer_leader(to);
+                return Ok(());
+            }
+            Admin::ConfChange(cc) => {
+                info!(node = self.cfg.id, changes = ?cc.get_changes(), "membership change proposed");
+                self.node.propose_conf_change(cc)?;
+                let index = self.node.last_index();
+                if let Some(l) = self.leader.as_mut() {
+                    l.outstanding = Some(index);
+                }
+                return Ok(());
+            }
+            Admin::Command(cmd) => cmd,
+        };
         self.node.propose(&cmd)?;
         let index = self.node.last_index();
         if let Some(l) = self.leader.as_mut() {
             l.outstanding = Some(index);
-            if let Command::AssignShards { owners } = &cmd {
-                // An unassignment of shards whose owner is live starts a handoff.
-                let released: BTreeSet<NodeId> = state
-                    .shards
-                    .iter()
-                    .zip(owners)
-                    .filter_map(|(s, o)| match (s.owner, o) {
-                        (Some(old), None) => Some(old),
-                        _ => None,
-                    })
-                    .collect();
-                if !released.is_empty() {
-                    l.handoff = Some((index, released));
+            match &cmd {
+                Command::AssignShards { owners } => {
+                    // An unassignment of shards whose owner is live starts a handoff.
+                    let released: BTreeSet<NodeId> = state
+                        .shards
+                        .iter()
+                        .zip(owners)
+                        .filter_map(|(s, o)| match (s.owner, o) {
+                            (Some(old), None) => Some(old),
+                            _ => None,
+                        })
+                        .collect();
+                    if !released.is_empty() {
+                        l.handoff = Some((index, released));
+                    }
                 }
+                Command::RemoveNode { id } => {
+                    l.left_at.insert(*id, index);
+                }
+                _ => {}
             }
         }
         Ok(())
     }
 }
 
-/// The next command the leader should propose, if any (see the module doc for the order).
+/// The next thing the leader should do, if any (see the module doc for the order).
 fn next_admin_command(
     cfg: &ClusterConfig,
     state: &ClusterState,
     l: &mut LeaderState,
     now: u64,
-    voters: Vec<NodeId>,
-) -> Option<Command> {
+    members: &Membership,
+) -> Option<Admin> {
     if state.n_shards == 0 {
-        return Some(Command::Init {
+        return Some(Admin::Command(Command::Init {
             n_shards: cfg.n_shards,
-        });
+        }));
     }
-    if let Some(&id) = voters.iter().find(|id| !state.nodes.contains_key(id)) {
+    if let Some(&id) = members
+        .voters
+        .iter()
+        .find(|id| !state.nodes.contains_key(id))
+    {
         let addr = cfg
             .peers
             .get(&id)
             .map(|a| a.to_string())
             .unwrap_or_default();
-        return Some(Command::AddNode { id, addr });
+        return Some(Admin::Command(Command::AddNode { id, addr }));
     }
-    let active = state.active_nodes();
-    let live: Vec<NodeId> = active
+    let alive = |id: &NodeId| {
+        l.granted
+            .get(id)
+            .is_some_and(|(g, _)| !g.surely_expired(now))
+    };
+    // Nodes that may act for shards: active, and leaving ones until they hand everything off.
+    let acting: Vec<NodeId> = state
+        .nodes
         .iter()
-        .copied()
-        .filter(|id| {
-            l.granted
-                .get(id)
-                .is_some_and(|(g, _)| !g.surely_expired(now))
-        })
+        .filter(|(_, n)| n.state != NodeState::Left)
+        .map(|(id, _)| *id)
         .collect();
     // Revoke a surely expired lease before its shards go elsewhere.
-    for id in &active {
+    for id in &acting {
         if let Some((g, seq)) = l.granted.get(id) {
             if g.surely_expired(now) && state.lease_seq(*id) == *seq {
-                return Some(Command::RevokeLease {
+                return Some(Admin::Command(Command::RevokeLease {
                     node: *id,
                     lease_seq: *seq,
-                });
+                }));
             }
         }
+    }
+    for (id, n) in &state.nodes {
+        if n.state == NodeState::Left && members.contains(*id) {
+            l.left_seen.entry(*id).or_insert(now);
+        }
+    }
+    if let Some(admin) = membership_change(cfg, state, l, members, now) {
+        return Some(admin);
     }
     // A handoff waits until every old owner applied the unassignment or surely stopped.
     if let Some((index, owners)) = &l.handoff {
         let done = owners.iter().all(|o| {
             l.acked.get(o).is_some_and(|a| a >= index)
                 || (*o == cfg.id && state.applied_index >= *index)
-                || !live.contains(o)
+                || !alive(o)
         });
         if !done {
             return None;
         }
         l.handoff = None;
     }
+    let targets: Vec<NodeId> = state
+        .active_nodes()
+        .into_iter()
+        .filter(|id| alive(id))
+        .collect();
     let current: Vec<Option<NodeId>> = state.shards.iter().map(|s| s.owner).collect();
-    let plan = allocate(&live, &current);
+    let plan = allocate(&targets, &current);
     // Shards leaving a live owner for another node are first unassigned (two-step handoff).
     let step: Vec<Option<NodeId>> = current
         .iter()
         .zip(&plan)
         .map(|(cur, new)| match cur {
-            Some(old) if live.contains(old) && cur != new => None,
+            Some(old) if alive(old) && acting.contains(old) && cur != new => None,
             _ => *new,
         })
         .collect();
-    (step != current).then_some(Command::AssignShards { owners: step })
+    if step != current {
+        return Some(Admin::Command(Command::AssignShards { owners: step }));
+    }
+    // A leaving node that owns nothing any more has left.
+    let done_leaving = state.nodes.iter().find(|(id, n)| {
+        n.state == NodeState::Leaving && !state.shards.iter().any(|s| s.owner == Some(**id))
+    });
+    done_leaving.map(|(id, _)| Admin::Command(Command::RemoveNode { id: *id }))
+}
+
+/// The next change of the Raft configuration, if one is due: add new nodes as learners, take out
+/// nodes that left (once they applied it), promote caught-up learners to voters.
+fn membership_change(
+    cfg: &ClusterConfig,
+    state: &ClusterState,
+    l: &LeaderState,
+    members: &Membership,
+    now: u64,
+) -> Option<Admin> {
+    use ConfChangeType::{AddLearnerNode, AddNode, RemoveNode};
+    let promotable = |exclude: NodeId| {
+        members.learners.iter().copied().find(|&id| {
+            id != exclude
+                && members.caught_up(id)
+                && state
+                    .nodes
+                    .get(&id)
+                    .is_some_and(|n| n.state == NodeState::Active)
+        })
+    };
+    if let Some((&id, _)) = state
+        .nodes
+        .iter()
+        .find(|(id, n)| n.state != NodeState::Left && !members.contains(**id))
+    {
+        return Some(Admin::ConfChange(conf_change(&[(AddLearnerNode, id)])));
+    }
+    for (&id, n) in &state.nodes {
+        if n.state != NodeState::Left || !members.contains(id) {
+            continue;
+        }
+        // It must know it left (so that it stops) before it stops hearing from us; a node that
+        // never says so (it died meanwhile) is removed after a long wait.
+        let since = l.left_at.get(&id).copied().unwrap_or(l.takeover_index);
+        let knows = l.acked.get(&id).is_some_and(|a| *a >= since);
+        let gave_up = l
+            .left_seen
+            .get(&id)
+            .is_some_and(|&t| now >= t.saturating_add(LEFT_GIVE_UP_LEASES * cfg.lease.lease_ms));
+        if !knows && !gave_up {
+            continue;
+        }
+        if id == cfg.id {
+            let heir = members
+                .voters
+                .iter()
+                .copied()
+                .filter(|&v| v != id && members.caught_up(v))
+                .max_by_key(|v| members.matched.get(v).copied().unwrap_or(0));
+            return heir.map(Admin::TransferLeader);
+        }
+        let mut changes = vec![(RemoveNode, id)];
+        if members.voters.contains(&id) {
+            if let Some(learner) = promotable(id) {
+                changes.push((AddNode, learner));
+            }
+        }
+        return Some(Admin::ConfChange(conf_change(&changes)));
+    }
+    if members.voters.len() < MAX_VOTERS {
+        if let Some(learner) = promotable(0) {
+            return Some(Admin::ConfChange(conf_change(&[(AddNode, learner)])));
+        }
+    }
+    None
 }
 
 #[cfg(test)]
@@ -692,6 +1294,7 @@ mod tests {
             cluster_secret: "s".into(),
             data_dir: PathBuf::new(),
             peers: (1..=3).map(|id| (id, addr)).collect(),
+            join: Vec::new(),
             n_shards: 4,
             tick_ms: 20,
             lease: LeaseConfig {
@@ -710,6 +1313,34 @@ mod tests {
             acked: BTreeMap::new(),
             outstanding: None,
             handoff: None,
+            takeover_index: 0,
+            left_at: BTreeMap::new(),
+            left_seen: BTreeMap::new(),
+        }
+    }
+
+    /// Raft membership: `voters`, every one fully caught up.
+    fn members(voters: &[NodeId], learners: &[NodeId]) -> Membership {
+        Membership {
+            voters: voters.to_vec(),
+            learners: learners.to_vec(),
+            matched: voters.iter().chain(learners).map(|&v| (v, 100)).collect(),
+            commit: 100,
+        }
+    }
+
+    /// The next shard-table command with founding voters `voters` (panics on anything else).
+    fn next_command(
+        cfg: &ClusterConfig,
+        state: &ClusterState,
+        l: &mut LeaderState,
+        now: u64,
+        voters: Vec<NodeId>,
+    ) -> Option<Command> {
+        match next_admin_command(cfg, state, l, now, &members(&voters, &[])) {
+            None => None,
+            Some(Admin::Command(c)) => Some(c),
+            Some(other) => panic!("expected a command, got {other:?}"),
         }
     }
 
@@ -726,14 +1357,14 @@ mod tests {
         let mut state = ClusterState::default();
         let mut l = leader(&cfg, &[1, 2, 3], 0);
         // Init, then the founding voters, then the first allocation (no owner to wait for).
-        while let Some(cmd) = next_admin_command(&cfg, &state, &mut l, 0, vec![1, 2]) {
+        while let Some(cmd) = next_command(&cfg, &state, &mut l, 0, vec![1, 2]) {
             apply(&mut state, &cmd);
         }
         let owners: Vec<_> = state.shards.iter().map(|s| s.owner).collect();
         assert_eq!(owners, [Some(1), Some(1), Some(2), Some(2)]);
 
         // Node 3 joins: two shards must leave live owners; first they become unowned.
-        let cmd = next_admin_command(&cfg, &state, &mut l, 0, vec![1, 2, 3]).unwrap();
+        let cmd = next_command(&cfg, &state, &mut l, 0, vec![1, 2, 3]).unwrap();
         assert_eq!(
             cmd,
             Command::AddNode {
@@ -742,7 +1373,7 @@ mod tests {
             }
         );
         apply(&mut state, &cmd);
-        let cmd = next_admin_command(&cfg, &state, &mut l, 0, vec![1, 2, 3]).unwrap();
+        let cmd = next_command(&cfg, &state, &mut l, 0, vec![1, 2, 3]).unwrap();
         let Command::AssignShards { owners } = &cmd else {
             panic!("{cmd:?}")
         };
@@ -760,12 +1391,12 @@ mod tests {
         l.handoff = Some((release, [2].into()));
 
         // No acknowledgement yet, or one from before the release: nothing is given out.
-        assert!(next_admin_command(&cfg, &state, &mut l, 0, vec![1, 2, 3]).is_none());
+        assert!(next_command(&cfg, &state, &mut l, 0, vec![1, 2, 3]).is_none());
         l.acked.insert(2, release - 1);
-        assert!(next_admin_command(&cfg, &state, &mut l, 0, vec![1, 2, 3]).is_none());
+        assert!(next_command(&cfg, &state, &mut l, 0, vec![1, 2, 3]).is_none());
         // Node 2 applied the release: now the shard goes to node 3.
         l.acked.insert(2, release);
-        let cmd = next_admin_command(&cfg, &state, &mut l, 0, vec![1, 2, 3]).unwrap();
+        let cmd = next_command(&cfg, &state, &mut l, 0, vec![1, 2, 3]).unwrap();
         let Command::AssignShards { owners } = &cmd else {
             panic!("{cmd:?}")
         };
@@ -782,7 +1413,7 @@ mod tests {
         let cfg = cfg();
         let mut state = ClusterState::default();
         let mut l = leader(&cfg, &[1, 2, 3], 0);
-        while let Some(cmd) = next_admin_command(&cfg, &state, &mut l, 0, vec![1, 2, 3]) {
+        while let Some(cmd) = next_command(&cfg, &state, &mut l, 0, vec![1, 2, 3]) {
             apply(&mut state, &cmd);
         }
         let before = state.shards.clone();
@@ -790,8 +1421,8 @@ mod tests {
         for id in [1, 2] {
             l.granted.get_mut(&id).unwrap().0.renewed(900);
         }
-        assert!(next_admin_command(&cfg, &state, &mut l, 1_000, vec![1, 2, 3]).is_none());
-        let cmd = next_admin_command(&cfg, &state, &mut l, 1_001, vec![1, 2, 3]).unwrap();
+        assert!(next_command(&cfg, &state, &mut l, 1_000, vec![1, 2, 3]).is_none());
+        let cmd = next_command(&cfg, &state, &mut l, 1_001, vec![1, 2, 3]).unwrap();
         assert_eq!(
             cmd,
             Command::RevokeLease {
@@ -800,7 +1431,7 @@ mod tests {
             }
         );
         apply(&mut state, &cmd);
-        let cmd = next_admin_command(&cfg, &state, &mut l, 1_001, vec![1, 2, 3]).unwrap();
+        let cmd = next_command(&cfg, &state, &mut l, 1_001, vec![1, 2, 3]).unwrap();
         let index = apply(&mut state, &cmd);
         for (old, new) in before.iter().zip(&state.shards) {
             assert_ne!(new.owner, Some(3));

@@ -137,7 +137,7 @@ pub enum Command {
         value: String,
     },
     /// A node renews its lease number `lease_seq`; rejected unless that is still the node's
-    /// current lease (see [`ClusterState::lease_seqs`]) and the node is active.
+    /// current lease (see [`ClusterState::lease_seqs`]) and the node is active or leaving.
     RenewLease {
         /// The holder.
         node: NodeId,
@@ -418,7 +418,8 @@ impl ClusterState {
             } => {
                 match self.nodes.get(node) {
                     None => return Err(Rejection::UnknownNode(*node)),
-                    Some(n) if n.state != NodeState::Active => {
+                    // A leaving node keeps acting for the shards it still has.
+                    Some(n) if n.state == NodeState::Left => {
                         return Err(Rejection::NotActive(*node))
                     }
                     Some(_) => {}

@@ -28,6 +28,13 @@
 //! `max_frame_bytes` closes the connection before anything is read or allocated; an envelope
 //! whose ids do not match the authenticated peer, or a body that does not decode, closes it too.
 //!
+//! **Joining.** A node that is not a member yet dials any member with the target id `0` ("whoever
+//! listens here"); the handshake is the same (the `0` is bound into both proofs). Such a
+//! connection carries exactly one request frame, a bincode [`JoinRequest`] naming the joiner's id
+//! and Raft address, and one reply frame, a [`JoinReply`] (accepted with the members' addresses,
+//! or refused with a reason), then closes. The member's Raft driver decides ([`Transport::serve_joins`]);
+//! a member that serves no joins refuses them. See [`request_join`] for the dialing side.
+//!
 //! **Bounded everything.** Per-peer queues, frame size, inbound connections
 //! ([`MAX_INBOUND_CONNECTIONS`]), handshake and write time, reconnect backoff (capped, jittered).
 //! Tasks stop with the `shutdown` token or when the last clone of the [`Transport`] is dropped.
@@ -210,6 +217,36 @@ fn bincode_opts(limit: usize) -> impl bincode::Options {
     bincode::DefaultOptions::new().with_limit(limit as u64)
 }
 
+/// A node asking to become a member (see the module doc, "Joining").
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct JoinRequest {
+    /// The joiner's Raft id (the authenticated id of the connection).
+    pub id: NodeId,
+    /// The address its transport listens on, as the members should dial it.
+    pub addr: String,
+}
+
+/// A member's answer to a [`JoinRequest`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum JoinReply {
+    /// The request was proposed (or the node already is a member): dial these members.
+    Accepted {
+        /// The node table as the answering member knows it: `(id, addr)`.
+        members: Vec<(NodeId, String)>,
+    },
+    /// Refused (the id is taken by another address or left the cluster, no leader to forward
+    /// to yet, ...): the reason, for the joiner's log.
+    Refused(String),
+}
+
+/// One join request handed to the Raft driver, with the way back to the joiner.
+pub type JoinCall = (JoinRequest, tokio::sync::oneshot::Sender<JoinReply>);
+
+/// Largest join frame (request or reply), in bytes.
+pub const MAX_JOIN_FRAME_BYTES: usize = 64 * 1024;
+/// Time a member's driver has to answer a join request.
+pub const JOIN_ANSWER_TIMEOUT: Duration = Duration::from_secs(5);
+
 /// What the tasks share (never the peer table, so dropping the last [`Transport`] stops them).
 struct Shared {
     me: NodeId,
@@ -217,6 +254,8 @@ struct Shared {
     queue_per_peer: usize,
     max_frame_bytes: usize,
     counters: Counters,
+    /// Where join requests go; `None`: refuse them.
+    joins: Mutex<Option<mpsc::Sender<JoinCall>>>,
 }
 
 struct Peer {
@@ -285,6 +324,7 @@ impl Transport {
             queue_per_peer: cfg.queue_per_peer,
             max_frame_bytes: cfg.max_frame_bytes,
             counters: Counters::default(),
+            joins: Mutex::new(None),
         });
         let token = shutdown.child_token();
         tokio::spawn(
@@ -336,6 +376,24 @@ impl Transport {
                 stop,
             },
         );
+    }
+
+    /// Hand the join requests this member receives to `calls` (until then they are refused).
+    pub fn serve_joins(&self, calls: mpsc::Sender<JoinCall>) {
+        *self
+            .inner
+            .shared
+            .joins
+            .lock()
+            .unwrap_or_else(|e| e.into_inner()) = Some(calls);
+    }
+
+    /// The peers this transport dials, with their addresses.
+    pub fn peers(&self) -> Vec<(NodeId, SocketAddr)> {
+        let peers = self.inner.peers.lock().unwrap_or_else(|e| e.into_inner());
+        let mut out: Vec<_> = peers.iter().map(|(id, p)| (*id, p.addr)).collect();
+        out.sort();
+        out
     }
 
     /// Forget a peer: its writer stops and its queue is dropped.
@@ -444,10 +502,10 @@ async fn serve_inbound(
         HANDSHAKE_TIMEOUT,
         accept_handshake(&mut stream, &shared.secret, shared.me),
     );
-    let peer = tokio::select! {
+    let (peer, to) = tokio::select! {
         _ = token.cancelled() => return,
         r = handshake => match r {
-            Ok(Ok(peer)) => peer,
+            Ok(Ok(ids)) => ids,
             Ok(Err(e)) => {
                 warn!(error = %e, "inbound peer refused");
                 shared.counters.auth_failure();
@@ -461,6 +519,13 @@ async fn serve_inbound(
         }
     };
     debug!(peer, "inbound peer authenticated");
+    if to == 0 {
+        tokio::select! {
+            _ = token.cancelled() => {}
+            _ = serve_join(&mut stream, &shared, peer) => {}
+        }
+        return;
+    }
     let span = tracing::info_span!("raft_peer_in", peer);
     async {
         loop {
@@ -492,6 +557,118 @@ async fn serve_inbound(
     }
     .instrument(span)
     .await
+}
+
+/// The one request and one reply of a join connection (the peer is authenticated).
+async fn serve_join(stream: &mut TcpStream, shared: &Shared, peer: NodeId) {
+    let reply = match read_join_frame::<JoinRequest>(stream).await {
+        Err(reason) => {
+            warn!(peer, reason, "bad join request, closing");
+            shared.counters.rejected(reason);
+            return;
+        }
+        Ok(req) if req.id != peer => JoinReply::Refused(format!(
+            "the request names node {} but the connection authenticated node {peer}",
+            req.id
+        )),
+        Ok(req) => {
+            let calls = shared
+                .joins
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .clone();
+            match calls {
+                None => JoinReply::Refused("this member does not take joins yet".into()),
+                Some(calls) => {
+                    let (tx, rx) = tokio::sync::oneshot::channel();
+                    info!(peer, addr = %req.addr, "join request");
+                    let asked = calls.try_send((req, tx)).is_ok();
+                    match tokio::time::timeout(JOIN_ANSWER_TIMEOUT, rx).await {
+                        Ok(Ok(reply)) if asked => reply,
+                        _ => JoinReply::Refused("this member is busy, try again".into()),
+                    }
+                }
+            }
+        }
+    };
+    let _ = write_join_frame(stream, &reply).await;
+}
+
+async fn read_join_frame<T: serde::de::DeserializeOwned>(
+    stream: &mut TcpStream,
+) -> Result<T, &'static str> {
+    use bincode::Options;
+    let mut len = [0u8; 4];
+    let read = async {
+        stream.read_exact(&mut len).await.map_err(|_| "io")?;
+        let len = u32::from_be_bytes(len) as usize;
+        if len > MAX_JOIN_FRAME_BYTES {
+            return Err("too_large");
+        }
+        let mut buf = vec![0u8; len];
+        stream.read_exact(&mut buf).await.map_err(|_| "io")?;
+        Ok(buf)
+    };
+    let buf = tokio::time::timeout(FRAME_TIMEOUT, read)
+        .await
+        .map_err(|_| "timeout")??;
+    bincode_opts(MAX_JOIN_FRAME_BYTES)
+        .deserialize(&buf)
+        .map_err(|_| "join_frame")
+}
+
+async fn write_join_frame<T: Serialize>(
+    stream: &mut TcpStream,
+    value: &T,
+) -> Result<(), TransportError> {
+    use bincode::Options;
+    let bytes = bincode_opts(MAX_JOIN_FRAME_BYTES)
+        .serialize(value)
+        .map_err(|e| TransportError::Config(format!("join frame does not encode: {e}")))?;
+    let mut frame = Vec::with_capacity(4 + bytes.len());
+    frame.extend_from_slice(&(bytes.len() as u32).to_be_bytes());
+    frame.extend_from_slice(&bytes);
+    tokio::time::timeout(FRAME_TIMEOUT, stream.write_all(&frame))
+        .await
+        .map_err(|_| TransportError::Timeout)??;
+    Ok(())
+}
+
+/// Ask the member listening at `member` to add node `me` (whose transport listens at `my_addr`)
+/// to the cluster; see the module doc. Bounded by the handshake and frame timeouts.
+pub async fn request_join(
+    member: SocketAddr,
+    secret: &[u8],
+    me: NodeId,
+    my_addr: &str,
+) -> Result<JoinReply, TransportError> {
+    let mut stream = tokio::time::timeout(HANDSHAKE_TIMEOUT, TcpStream::connect(member))
+        .await
+        .map_err(|_| TransportError::Timeout)??;
+    let _ = stream.set_nodelay(true);
+    tokio::time::timeout(
+        HANDSHAKE_TIMEOUT,
+        authenticate_outbound(&mut stream, secret, me, 0),
+    )
+    .await
+    .map_err(|_| TransportError::Timeout)??;
+    write_join_frame(
+        &mut stream,
+        &JoinRequest {
+            id: me,
+            addr: my_addr.to_owned(),
+        },
+    )
+    .await?;
+    let answer = tokio::time::timeout(
+        JOIN_ANSWER_TIMEOUT + FRAME_TIMEOUT,
+        read_join_frame::<JoinReply>(&mut stream),
+    )
+    .await
+    .map_err(|_| TransportError::Timeout)?;
+    answer.map_err(|reason| {
+        TransportError::Auth(format!("member sent no valid join reply ({reason})"))
+    })
 }
 
 /// One frame from an authenticated peer: `Ok(None)` on a clean close between frames, `Err(reason)`
@@ -693,12 +870,13 @@ pub async fn authenticate_outbound(
     Ok(())
 }
 
-/// The listener's half: returns the authenticated peer's id.
+/// The listener's half: returns the authenticated peer's id and the id it dialed (this node's, or
+/// `0` for a join connection).
 async fn accept_handshake(
     stream: &mut TcpStream,
     secret: &[u8],
     me: NodeId,
-) -> Result<NodeId, TransportError> {
+) -> Result<(NodeId, NodeId), TransportError> {
     let mut hello = [0u8; HELLO_LEN];
     stream
         .read_exact(&mut hello)
@@ -712,7 +890,7 @@ async fn accept_handshake(
     let from = u64::from_be_bytes(hello[8..16].try_into().expect("8 bytes"));
     let to = u64::from_be_bytes(hello[16..24].try_into().expect("8 bytes"));
     let nonce_d = &hello[24..];
-    if to != me {
+    if to != me && to != 0 {
         return Err(TransportError::Auth(format!(
             "peer {from} dialed node {to}, this is node {me}"
         )));
@@ -725,20 +903,20 @@ async fn accept_handshake(
     let nonce_l = fresh_nonce();
     let mut reply = Vec::with_capacity(NONCE_LEN + MAC_LEN);
     reply.extend_from_slice(&nonce_l);
-    reply.extend_from_slice(&proof(secret, b"listener", from, me, nonce_d, &nonce_l));
+    reply.extend_from_slice(&proof(secret, b"listener", from, to, nonce_d, &nonce_l));
     stream.write_all(&reply).await?;
     let mut mac_d = [0u8; MAC_LEN];
     stream
         .read_exact(&mut mac_d)
         .await
         .map_err(|e| TransportError::Auth(format!("peer {from} gave no proof: {e}")))?;
-    let expected = proof(secret, b"dialer", from, me, nonce_d, &nonce_l);
+    let expected = proof(secret, b"dialer", from, to, nonce_d, &nonce_l);
     if !constant_time_eq(&mac_d, &expected) {
         return Err(TransportError::Auth(format!(
             "peer {from} did not prove the cluster secret"
         )));
     }
-    Ok(from)
+    Ok((from, to))
 }
 
 fn fresh_nonce() -> [u8; NONCE_LEN] {

@@ -8,7 +8,8 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use comodit_cluster::lease::LeaseConfig;
-use comodit_cluster::runtime::{ClusterConfig, ClusterNode};
+use comodit_cluster::runtime::{ClusterConfig, ClusterNode, MembershipError, MAX_VOTERS};
+use comodit_cluster::state::NodeState;
 use comodit_cluster::NodeId;
 use tokio_util::sync::CancellationToken;
 
@@ -27,6 +28,7 @@ fn config(id: NodeId, peers: &BTreeMap<NodeId, SocketAddr>, dir: &Path) -> Clust
         cluster_secret: "test-secret".into(),
         data_dir: dir.join(format!("node-{id}")),
         peers: peers.clone(),
+        join: Vec::new(),
         n_shards: N_SHARDS,
         tick_ms: 20,
         lease: LeaseConfig {
@@ -229,6 +231,170 @@ async fn crash_and_rejoin(victim_is_leader: bool) {
     let rejoined = members[&victim].node.clone();
     assert!(rejoined.status().lease_valid);
     assert_eq!(rejoined.owned().len(), 4);
+    for m in members.values() {
+        m.stop.cancel();
+    }
+}
+
+/// A node that is not a founder: it starts empty and asks `contacts` to let it in.
+fn joiner_config(id: NodeId, contacts: Vec<SocketAddr>, dir: &Path) -> ClusterConfig {
+    let listen = free_addr();
+    let mut cfg = config(id, &[(id, listen)].into(), dir);
+    cfg.peers = BTreeMap::new();
+    cfg.join = contacts;
+    cfg
+}
+
+fn voters_everywhere(nodes: &[&ClusterNode], voters: &[NodeId], learners: &[NodeId]) -> bool {
+    nodes.iter().all(|n| {
+        let st = n.status();
+        st.voters == voters && st.learners == learners
+    })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn joining_nodes_get_their_share_and_become_voters_up_to_five_then_learners() {
+    let dir = tempfile::tempdir().unwrap();
+    let (peers, mut members) = three_nodes(dir.path()).await;
+    let founders = refs(&members, &[1, 2, 3]);
+    let f: Vec<&ClusterNode> = founders.iter().collect();
+    wait_for("a settled table over three nodes", || {
+        settled(&f, &[1, 2, 3].into())
+    })
+    .await;
+
+    // Node 4 knows only node 2 (a follower or the leader: either forwards the admission).
+    members.insert(
+        4,
+        start(joiner_config(4, vec![peers[&2]], dir.path())).await,
+    );
+    let nodes = refs(&members, &[1, 2, 3, 4]);
+    let all: Vec<&ClusterNode> = nodes.iter().collect();
+    wait_for(
+        "node 4 to own its share, no shard ever claimed twice",
+        || {
+            claims(&all);
+            settled(&all, &[1, 2, 3, 4].into())
+        },
+    )
+    .await;
+    wait_for("node 4 promoted to voter everywhere", || {
+        voters_everywhere(&all, &[1, 2, 3, 4], &[])
+    })
+    .await;
+
+    // Two more: the fifth voter, then a learner (at most five voters).
+    for id in [5, 6] {
+        let contacts = vec![peers[&1], peers[&3]];
+        members.insert(id, start(joiner_config(id, contacts, dir.path())).await);
+    }
+    let nodes = refs(&members, &[1, 2, 3, 4, 5, 6]);
+    let all: Vec<&ClusterNode> = nodes.iter().collect();
+    wait_for("six owners, two shards each", || {
+        claims(&all);
+        settled(&all, &(1..=6).collect())
+    })
+    .await;
+    wait_for("five voters and one learner", || {
+        let st = all[0].status();
+        st.voters.len() == MAX_VOTERS && st.learners.len() == 1
+    })
+    .await;
+    for n in &all {
+        assert!(n.status().lease_valid);
+        assert_eq!(n.owned().len(), 2);
+    }
+    for m in members.values() {
+        m.stop.cancel();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_decommissioned_node_hands_every_shard_off_before_it_is_removed() {
+    let dir = tempfile::tempdir().unwrap();
+    let (peers, mut members) = three_nodes(dir.path()).await;
+    // A fourth node as a learner-to-be, so that a voter leaving has someone to be replaced by.
+    members.insert(
+        4,
+        start(joiner_config(4, vec![peers[&1]], dir.path())).await,
+    );
+    let nodes = refs(&members, &[1, 2, 3, 4]);
+    let all: Vec<&ClusterNode> = nodes.iter().collect();
+    wait_for("a settled table over four nodes", || {
+        claims(&all);
+        settled(&all, &[1, 2, 3, 4].into())
+    })
+    .await;
+
+    // Bad requests change nothing.
+    assert!(matches!(
+        nodes[0].decommission(9).await,
+        Err(MembershipError::Invalid(_))
+    ));
+    assert!(matches!(
+        nodes[0].add_node(7, "0.0.0.0:1".into()).await,
+        Err(MembershipError::Invalid(_))
+    ));
+    assert!(matches!(
+        nodes[0].add_node(2, "127.0.0.1:1".into()).await,
+        Err(MembershipError::Invalid(why)) if why.contains("is a member at")
+    ));
+
+    // Decommission the leader itself, through another member: the hardest case (its shards
+    // move, leadership moves, then it leaves the configuration).
+    let leader = nodes[0].status().leader.unwrap();
+    let via = nodes.iter().find(|n| n.status().id != leader).unwrap();
+    via.decommission(leader).await.unwrap();
+    let stayers: Vec<NodeId> = (1..=4).filter(|&id| id != leader).collect();
+    let stay = refs(&members, &stayers);
+    let stay_refs: Vec<&ClusterNode> = stay.iter().collect();
+    let leaving = members[&leader].node.clone();
+    wait_for(
+        "the leaving node to own nothing while the others own all",
+        || {
+            claims(&all);
+            settled(&stay_refs, &stayers.iter().copied().collect())
+        },
+    )
+    .await;
+    wait_for("the leaving node removed from the configuration", || {
+        claims(&all);
+        stay_refs.iter().all(|n| {
+            let st = n.status();
+            !st.voters.contains(&leader)
+                && !st.learners.contains(&leader)
+                && st.voters.len() == 3
+                && st
+                    .nodes
+                    .iter()
+                    .any(|x| x.id == leader && x.state == NodeState::Left)
+        })
+    })
+    .await;
+    wait_for("the leaving node to learn it may stop", || {
+        leaving.finished()
+    })
+    .await;
+    assert!(leaving.owned().is_empty());
+    let new_leader = stay[0].status().leader.unwrap();
+    assert_ne!(new_leader, leader);
+
+    // Its id is never reused, and the last active node cannot leave.
+    assert!(matches!(
+        stay[0].add_node(leader, peers[&leader].to_string()).await,
+        Err(MembershipError::Invalid(why)) if why.contains("never reused")
+    ));
+    for id in stayers.iter().skip(1) {
+        stay[0].decommission(*id).await.unwrap();
+    }
+    wait_for("one node left with every shard", || {
+        settled(&[&stay[0]], &[stayers[0]].into())
+    })
+    .await;
+    assert!(matches!(
+        stay[0].decommission(stayers[0]).await,
+        Err(MembershipError::Invalid(why)) if why.contains("last active node")
+    ));
     for m in members.values() {
         m.stop.cancel();
     }

@@ -410,3 +410,50 @@ async fn shutdown_token_stops_the_listener() {
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
 }
+
+#[tokio::test]
+async fn a_join_request_needs_the_secret_and_reaches_the_driver_only_when_it_serves_joins() {
+    use comodit_cluster::transport::{request_join, JoinReply};
+    let (member, _inbox) = start(1).await;
+    let addr = member.local_addr();
+
+    // Not serving joins yet: refused, cleanly.
+    let reply = request_join(addr, SECRET.as_bytes(), 7, "127.0.0.1:7007")
+        .await
+        .unwrap();
+    assert!(matches!(reply, JoinReply::Refused(_)), "{reply:?}");
+
+    // Wrong secret: the handshake fails, nothing reaches the driver.
+    let (calls_tx, mut calls) = mpsc::channel(4);
+    member.serve_joins(calls_tx);
+    let err = request_join(addr, b"not the secret", 7, "127.0.0.1:7007")
+        .await
+        .unwrap_err();
+    assert!(err.to_string().contains("secret"), "{err}");
+    assert!(calls.try_recv().is_err());
+
+    // The right secret: the driver sees the request and its answer goes back.
+    let driver = tokio::spawn(async move {
+        let (req, reply) = calls.recv().await.unwrap();
+        let _ = reply.send(JoinReply::Accepted {
+            members: vec![(1, "127.0.0.1:1".into()), (req.id, req.addr.clone())],
+        });
+        req
+    });
+    let reply = timeout(
+        WAIT,
+        request_join(addr, SECRET.as_bytes(), 7, "127.0.0.1:7007"),
+    )
+    .await
+    .unwrap()
+    .unwrap();
+    let req = driver.await.unwrap();
+    assert_eq!((req.id, req.addr.as_str()), (7, "127.0.0.1:7007"));
+    assert_eq!(
+        reply,
+        JoinReply::Accepted {
+            members: vec![(1, "127.0.0.1:1".into()), (7, "127.0.0.1:7007".into())]
+        }
+    );
+    assert!(member.stats().auth_failures >= 1);
+}

@@ -14,14 +14,17 @@ use std::path::Path;
 
 use comodit_actors::ownership::Ownership;
 use comodit_api::views::{ClusterNodeView, ClusterView, ShardView};
+use comodit_api::{ClusterControl, ClusterOpError};
 use comodit_cluster::lease::LeaseConfig;
-use comodit_cluster::runtime::{ClusterConfig, ClusterNode};
+use comodit_cluster::runtime::{ClusterConfig, ClusterNode, ClusterStatus, MembershipError};
 use comodit_cluster::state::NodeState;
+use comodit_cluster::transport::JoinReply;
 use comodit_cluster::NodeId;
 use comodit_protocol::{Epoch, Shard};
 use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
 
-use crate::config::ConfigError;
+use crate::config::{ConfigError, Membership};
 
 /// Raft tick period.
 pub const TICK_MS: u64 = 100;
@@ -66,21 +69,36 @@ pub fn parse_peers(text: &str) -> Result<BTreeMap<NodeId, SocketAddr>, ConfigErr
     Ok(peers)
 }
 
+/// Parses `cluster_join`: `host:port` Raft addresses of members, separated by commas.
+pub fn parse_join(text: &str) -> Result<Vec<SocketAddr>, ConfigError> {
+    let invalid = |reason: String| ConfigError::Invalid {
+        field: "cluster_join",
+        reason,
+    };
+    let mut out = Vec::new();
+    for entry in text.split(',').map(str::trim).filter(|e| !e.is_empty()) {
+        let addr: SocketAddr = entry
+            .parse()
+            .map_err(|_| invalid(format!("{entry:?} is not ip:port")))?;
+        if !out.contains(&addr) {
+            out.push(addr);
+        }
+    }
+    if out.is_empty() {
+        return Err(invalid("no member address".into()));
+    }
+    Ok(out)
+}
+
 /// The settings of this member, from the node's configuration (already validated).
-pub fn cluster_config(
-    id: NodeId,
-    listen: SocketAddr,
-    secret: &str,
-    peers: BTreeMap<NodeId, SocketAddr>,
-    data_dir: &Path,
-    n_shards: u32,
-) -> ClusterConfig {
+pub fn cluster_config(m: &Membership, data_dir: &Path, n_shards: u32) -> ClusterConfig {
     ClusterConfig {
-        id,
-        listen,
-        cluster_secret: secret.to_owned(),
+        id: m.id,
+        listen: m.listen,
+        cluster_secret: m.secret.clone(),
         data_dir: data_dir.join("raft"),
-        peers,
+        peers: m.peers.clone(),
+        join: m.join.clone(),
         n_shards,
         tick_ms: TICK_MS,
         lease: LEASE,
@@ -138,6 +156,25 @@ impl Ownership for ClusterOwnership {
     }
 }
 
+/// Stops the node (`shutdown`) once the cluster removed it after a decommission: its shards were
+/// handed off before, so stopping loses nothing.
+pub async fn exit_when_decommissioned(node: ClusterNode, shutdown: CancellationToken) {
+    let mut changes = node.changes();
+    loop {
+        if node.finished() {
+            tracing::info!("decommissioned: every shard handed off, leaving the cluster; stopping");
+            shutdown.cancel();
+            return;
+        }
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = changes.changed() => {}
+            // `finished` also turns true after a while without a change.
+            _ = tokio::time::sleep(std::time::Duration::from_millis(500)) => {}
+        }
+    }
+}
+
 /// What `GET /api/v1/cluster` answers on a member.
 pub fn status_view(node: &ClusterNode) -> ClusterView {
     let status = node.status();
@@ -155,6 +192,7 @@ pub fn status_view(node: &ClusterNode) -> ClusterView {
             id: n.id,
             addr: n.addr.clone(),
             state: state_name(&n.state).into(),
+            role: role_name(&status, n.id).into(),
             shards: by_node.remove(&n.id).unwrap_or_default(),
         })
         .collect();
@@ -166,6 +204,7 @@ pub fn status_view(node: &ClusterNode) -> ClusterView {
                 id,
                 addr: String::new(),
                 state: "unknown".into(),
+                role: role_name(&status, id).into(),
                 shards,
             });
         }
@@ -186,6 +225,46 @@ pub fn status_view(node: &ClusterNode) -> ClusterView {
                 epoch: s.epoch,
             })
             .collect(),
+    }
+}
+
+fn role_name(status: &ClusterStatus, id: NodeId) -> &'static str {
+    if status.leader == Some(id) {
+        "leader"
+    } else if status.voters.contains(&id) {
+        "voter"
+    } else if status.learners.contains(&id) {
+        "learner"
+    } else {
+        "none"
+    }
+}
+
+/// [`ClusterControl`] over a running member: what the cluster routes of the API call.
+pub struct ClusterApi(pub ClusterNode);
+
+fn op_error(e: MembershipError) -> ClusterOpError {
+    match e {
+        MembershipError::Invalid(why) => ClusterOpError::Invalid(why),
+        MembershipError::Unavailable(why) => ClusterOpError::Unavailable(why),
+    }
+}
+
+#[async_trait::async_trait]
+impl ClusterControl for ClusterApi {
+    fn view(&self) -> ClusterView {
+        status_view(&self.0)
+    }
+
+    async fn add_node(&self, id: u64, addr: String) -> Result<Vec<(u64, String)>, ClusterOpError> {
+        match self.0.add_node(id, addr).await.map_err(op_error)? {
+            JoinReply::Accepted { members } => Ok(members),
+            JoinReply::Refused(why) => Err(ClusterOpError::Invalid(why)),
+        }
+    }
+
+    async fn decommission(&self, id: u64) -> Result<(), ClusterOpError> {
+        self.0.decommission(id).await.map_err(op_error)
     }
 }
 

@@ -53,6 +53,21 @@ pub struct NodeConfig {
     pub cluster_secret: Option<String>,
     /// The founding voters, this node included: `id=host:port,...` (their Raft addresses).
     pub cluster_peers: Option<String>,
+    /// Join a running cluster instead of founding one: Raft addresses of members to ask,
+    /// `host:port,...` (any one answering is enough). Exclusive with `cluster_peers`.
+    pub cluster_join: Option<String>,
+}
+
+/// A member's cluster settings (see [`NodeConfig::cluster_membership`]).
+#[derive(Debug, Clone)]
+pub struct Membership {
+    pub id: u64,
+    pub listen: SocketAddr,
+    pub secret: String,
+    /// Founding voters (empty for a joining node).
+    pub peers: std::collections::BTreeMap<u64, SocketAddr>,
+    /// Members to ask for admission (empty for a founder).
+    pub join: Vec<SocketAddr>,
 }
 
 impl Default for NodeConfig {
@@ -81,6 +96,7 @@ impl Default for NodeConfig {
             cluster_listen: None,
             cluster_secret: None,
             cluster_peers: None,
+            cluster_join: None,
         }
     }
 }
@@ -134,6 +150,9 @@ pub struct Overrides {
     pub cluster_secret: Option<String>,
     #[arg(long, env = "COMODIT_CLUSTER_PEERS")]
     pub cluster_peers: Option<String>,
+    /// Join a running cluster through these members' Raft addresses (`host:port,...`).
+    #[arg(long = "join", env = "COMODIT_CLUSTER_JOIN")]
+    pub cluster_join: Option<String>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -191,7 +210,8 @@ impl NodeConfig {
             cluster_id,
             cluster_listen,
             cluster_secret,
-            cluster_peers
+            cluster_peers,
+            cluster_join
         );
         cfg.validate()?;
         Ok(cfg)
@@ -244,19 +264,9 @@ impl NodeConfig {
     }
 
     /// The cluster membership when `cluster_id` is set: this node's id, Raft address, secret and
-    /// the founding voters (this node among them). `None` on a single node.
-    #[allow(clippy::type_complexity)]
-    pub fn cluster_membership(
-        &self,
-    ) -> Result<
-        Option<(
-            u64,
-            SocketAddr,
-            String,
-            std::collections::BTreeMap<u64, SocketAddr>,
-        )>,
-        ConfigError,
-    > {
+    /// either the founding voters (this node among them) or the members to join through. `None`
+    /// on a single node.
+    pub fn cluster_membership(&self) -> Result<Option<Membership>, ConfigError> {
         let Some(id) = self.cluster_id else {
             return Ok(None);
         };
@@ -285,18 +295,49 @@ impl NodeConfig {
                 ))
             }
         };
-        let peers = crate::cluster::parse_peers(
-            self.cluster_peers
-                .as_deref()
-                .ok_or_else(|| invalid("cluster_peers", "required with cluster_id"))?,
-        )?;
+        if let Some(join) = &self.cluster_join {
+            if self.cluster_peers.is_some() {
+                return Err(invalid(
+                    "cluster_join",
+                    "a joining node learns the members from the one it contacts: \
+                     leave cluster_peers unset",
+                ));
+            }
+            if listen.ip().is_unspecified() {
+                return Err(invalid(
+                    "cluster_listen",
+                    "a joining node announces this address to the members: not 0.0.0.0",
+                ));
+            }
+            let join = crate::cluster::parse_join(join)?;
+            return Ok(Some(Membership {
+                id,
+                listen,
+                secret,
+                peers: Default::default(),
+                join,
+            }));
+        }
+        let peers =
+            crate::cluster::parse_peers(self.cluster_peers.as_deref().ok_or_else(|| {
+                invalid(
+                    "cluster_peers",
+                    "required with cluster_id (or cluster_join to join a running cluster)",
+                )
+            })?)?;
         if !peers.contains_key(&id) {
             return Err(invalid(
                 "cluster_peers",
                 "must include this node's cluster_id",
             ));
         }
-        Ok(Some((id, listen, secret, peers)))
+        Ok(Some(Membership {
+            id,
+            listen,
+            secret,
+            peers,
+            join: Vec::new(),
+        }))
     }
 
     pub fn names(&self) -> comodit_protocol::Names {
@@ -354,8 +395,19 @@ mod tests {
         )
         .unwrap();
         let cfg = NodeConfig::load(Some(&path), &Overrides::default()).unwrap();
-        let (id, listen, _, peers) = cfg.cluster_membership().unwrap().unwrap();
-        assert_eq!((id, listen.port(), peers.len()), (2, 7002, 2));
+        let m = cfg.cluster_membership().unwrap().unwrap();
+        assert_eq!((m.id, m.listen.port(), m.peers.len()), (2, 7002, 2));
+        assert!(m.join.is_empty());
+        // A joiner names members to contact instead of founding peers.
+        let joiner = NodeConfig {
+            cluster_id: Some(4),
+            cluster_listen: Some("127.0.0.1:7004".parse().unwrap()),
+            cluster_peers: None,
+            cluster_join: Some("127.0.0.1:7001, 127.0.0.1:7002".into()),
+            ..cfg.clone()
+        };
+        let m = joiner.cluster_membership().unwrap().unwrap();
+        assert_eq!((m.id, m.join.len(), m.peers.len()), (4, 2, 0));
         assert!(NodeConfig::default()
             .cluster_membership()
             .unwrap()
@@ -399,6 +451,30 @@ mod tests {
                 ..cfg.clone()
             },
             "cluster_secret",
+        );
+        refused(
+            NodeConfig {
+                cluster_join: Some("127.0.0.1:7001".into()),
+                ..cfg.clone()
+            },
+            "cluster_join",
+        );
+        refused(
+            NodeConfig {
+                cluster_peers: None,
+                cluster_join: Some("127.0.0.1".into()),
+                ..cfg.clone()
+            },
+            "cluster_join",
+        );
+        refused(
+            NodeConfig {
+                cluster_peers: None,
+                cluster_join: Some("127.0.0.1:7001".into()),
+                cluster_listen: Some("0.0.0.0:7002".parse().unwrap()),
+                ..cfg.clone()
+            },
+            "cluster_listen",
         );
         refused(
             NodeConfig {

@@ -77,8 +77,12 @@ pub fn admin_token_path(data_dir: &Path) -> PathBuf {
 }
 
 /// On first start (no API token yet): creates an admin token and writes its secret, 0600, to
-/// `<data_dir>/admin-token`; creates the `default` organization and environment. Idempotent.
+/// `<data_dir>/admin-token`; creates the `default` organization and environment. Idempotent, and
+/// safe when members of a cluster start at the same moment on an empty database: each of them
+/// that found no token writes its own (each works), and the default organization and environment
+/// are created once (a name conflict means another member created them).
 pub async fn bootstrap(store: &dyn Store, data_dir: &Path) -> Result<(), NodeError> {
+    use comodit_store::StoreError;
     use std::io::Write;
     use std::os::unix::fs::OpenOptionsExt;
 
@@ -124,12 +128,19 @@ pub async fn bootstrap(store: &dyn Store, data_dir: &Path) -> Result<(), NodeErr
                 created_at: Utc::now(),
                 version: 1,
             };
-            store.create_org(&org).await?;
-            org
+            match store.create_org(&org).await {
+                Ok(()) => org,
+                // Another member starting at the same moment created it first: use theirs.
+                Err(StoreError::Conflict(_)) => store
+                    .get_org_by_name("default")
+                    .await?
+                    .ok_or_else(|| StoreError::NotFound("organization default".into()))?,
+                Err(e) => return Err(e.into()),
+            }
         }
     };
     if store.get_env_by_name(org.id, "default").await?.is_none() {
-        store
+        let created = store
             .create_env(&Environment {
                 id: EnvId::random(),
                 org: org.id,
@@ -137,7 +148,12 @@ pub async fn bootstrap(store: &dyn Store, data_dir: &Path) -> Result<(), NodeErr
                 created_at: Utc::now(),
                 version: 1,
             })
-            .await?;
+            .await;
+        // Taken by a member starting at the same moment: fine.
+        match created {
+            Ok(()) | Err(StoreError::Conflict(_)) => {}
+            Err(e) => return Err(e.into()),
+        }
     }
     Ok(())
 }
@@ -175,25 +191,23 @@ pub async fn run(
     let (ownership, cluster): (Arc<dyn Ownership>, Option<comodit_api::ClusterProvider>) =
         match config.cluster_membership()? {
             None => (Arc::new(SingleNode::new(config.n_shards)), None),
-            Some((id, listen, secret, peers)) => {
+            Some(m) => {
                 let node = comodit_cluster::runtime::ClusterNode::start(
-                    cluster::cluster_config(
-                        id,
-                        listen,
-                        &secret,
-                        peers,
-                        &config.data_dir,
-                        config.n_shards,
-                    ),
+                    cluster::cluster_config(&m, &config.data_dir, config.n_shards),
                     shutdown.clone(),
                 )
                 .await?;
-                tracing::info!(cluster_id = id, cluster_listen = %listen, "cluster member started");
-                let view = node.clone();
+                tracing::info!(cluster_id = m.id, cluster_listen = %m.listen, joining = !m.join.is_empty(), "cluster member started");
+                tokio::spawn(cluster::exit_when_decommissioned(
+                    node.clone(),
+                    shutdown.clone(),
+                ));
                 (
-                    Arc::new(cluster::ClusterOwnership::new(node, config.n_shards)),
-                    Some(Arc::new(move || cluster::status_view(&view))
-                        as comodit_api::ClusterProvider),
+                    Arc::new(cluster::ClusterOwnership::new(
+                        node.clone(),
+                        config.n_shards,
+                    )),
+                    Some(Arc::new(cluster::ClusterApi(node)) as comodit_api::ClusterProvider),
                 )
             }
         };

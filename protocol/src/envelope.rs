@@ -461,6 +461,10 @@ pub struct Bye {
 pub struct Kick {
     pub v: V1,
     pub host: HostId,
+    /// A change of the host to cancel (if it was never sent): how a node that does not own the
+    /// host's shard asks the owner to cancel.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cancel: Option<uuid::Uuid>,
 }
 
 /// The kind of an upward message: the last part of its routing key and its AMQP `type`.

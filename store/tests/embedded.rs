@@ -352,3 +352,82 @@ async fn records_and_setting_counts_are_bounded() {
     let listed = store.list_settings(&scope).await.unwrap();
     assert_eq!(listed.len(), MAX_SETTINGS_PER_SCOPE);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn concurrent_writes_commit_together_and_a_failing_one_takes_nothing_back() {
+    // Many writers at once share commits (group commit); among them, creates of the same name:
+    // exactly one of each pair wins, every other write lands, and a reopened file has them all.
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("store.redb");
+    let store = EmbeddedStore::open(&path).unwrap();
+    let mut tasks = Vec::new();
+    for i in 0..400 {
+        let store = store.clone();
+        tasks.push(tokio::spawn(async move {
+            let org = Organization {
+                id: OrgId::random(),
+                // Two writers per name.
+                name: format!("org-{}", i / 2),
+                created_at: Utc::now(),
+                version: 0,
+            };
+            store.create_org(&org).await.map(|()| org.id)
+        }));
+    }
+    let (mut won, mut conflicts) = (Vec::new(), 0);
+    for t in tasks {
+        match t.await.unwrap() {
+            Ok(id) => won.push(id),
+            Err(StoreError::Conflict(_)) => conflicts += 1,
+            Err(e) => panic!("unexpected {e:?}"),
+        }
+    }
+    assert_eq!((won.len(), conflicts), (200, 200));
+    drop(store);
+    let store = EmbeddedStore::open(&path).unwrap();
+    for id in &won {
+        assert!(
+            store.get_org(*id).await.unwrap().is_some(),
+            "org {id:?} lost"
+        );
+    }
+    let all = store
+        .list_orgs(&Page::first(Page::MAX_LIMIT))
+        .await
+        .unwrap();
+    assert_eq!(all.items.len(), 200);
+}
+
+/// Benchmark (ignored): durable writes per second with many writers at once.
+/// `cargo test --release -p comodit-store --test embedded writes_per_second -- --ignored --nocapture`
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "benchmark"]
+async fn writes_per_second() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = EmbeddedStore::open(&dir.path().join("store.redb")).unwrap();
+    for writers in [1usize, 16, 256] {
+        let n = 20_000 / (if writers == 1 { 10 } else { 1 });
+        let started = std::time::Instant::now();
+        let sem = std::sync::Arc::new(tokio::sync::Semaphore::new(writers));
+        let mut tasks = Vec::with_capacity(n);
+        for i in 0..n {
+            let permit = sem.clone().acquire_owned().await.unwrap();
+            let store = store.clone();
+            tasks.push(tokio::spawn(async move {
+                let org = Organization {
+                    id: OrgId::random(),
+                    name: format!("bench-{writers}-{i}"),
+                    created_at: Utc::now(),
+                    version: 0,
+                };
+                store.create_org(&org).await.unwrap();
+                drop(permit);
+            }));
+        }
+        for t in tasks {
+            t.await.unwrap();
+        }
+        let rate = n as f64 / started.elapsed().as_secs_f64();
+        eprintln!("{writers} writers: {rate:.0} durable writes/s");
+    }
+}

@@ -110,6 +110,20 @@ pub fn delete_user(name: &str) {
     );
 }
 
+/// Deletes a queue on the test vhost. A missing queue is fine.
+pub fn delete_queue(name: &str) {
+    let vhost = Url::parse(&amqp_url()).path;
+    let (status, body) = mgmt_raw(
+        "DELETE",
+        &format!("/api/queues/{vhost}/{}", percent_encode(name)),
+        None,
+    );
+    assert!(
+        status == 204 || status == 404,
+        "delete queue {name}: HTTP {status}: {body}"
+    );
+}
+
 /// The management API's view of a queue on the test vhost (`arguments`, `type`, `durable`,
 /// ...), or `None` if it does not exist.
 pub fn queue_info(name: &str) -> Option<serde_json::Value> {

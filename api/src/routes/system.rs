@@ -3,14 +3,15 @@
 
 use std::sync::Arc;
 
-use axum::extract::State;
+use axum::extract::{Path, State};
 use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 
 use crate::problem::ApiError;
-use crate::views::{ClusterView, Health};
+use crate::views::{ClusterView, Health, JoinNode, MemberView, MembershipAccepted, ShardsView};
 use crate::Shared;
+use crate::{ClusterOpError, ClusterProvider};
 
 /// The process is up and serving HTTP.
 #[utoipa::path(get, path = "/healthz", tag = "system",
@@ -75,7 +76,103 @@ pub async fn openapi_json(State(app): State<Arc<Shared>>) -> Response {
     responses((status = 200, description = "This node's view of the cluster", body = ClusterView)))]
 pub async fn get_cluster(State(app): State<Arc<Shared>>) -> Json<ClusterView> {
     Json(match &app.state.cluster {
-        Some(provider) => provider(),
+        Some(provider) => provider.view(),
         None => ClusterView::single_node(app.state.n_shards),
     })
+}
+
+/// The shard table: each shard's owner and epoch, as this node applied it.
+#[utoipa::path(get, path = "/api/v1/cluster/shards", tag = "cluster",
+    responses((status = 200, description = "This node's view of the shard table", body = ShardsView)))]
+pub async fn get_cluster_shards(State(app): State<Arc<Shared>>) -> Json<ShardsView> {
+    let view = match &app.state.cluster {
+        Some(c) => c.view(),
+        None => ClusterView::single_node(app.state.n_shards),
+    };
+    Json(ShardsView {
+        id: view.id,
+        shards: view.shards,
+    })
+}
+
+fn member_of_a_cluster(app: &Shared) -> Result<&ClusterProvider, ApiError> {
+    app.state.cluster.as_ref().ok_or_else(|| {
+        ApiError::new(
+            StatusCode::CONFLICT,
+            "not-a-cluster",
+            "this node runs alone (no cluster_id): it has no membership to change",
+        )
+    })
+}
+
+fn membership_error(e: ClusterOpError) -> ApiError {
+    match e {
+        ClusterOpError::Invalid(why) => ApiError::new(StatusCode::CONFLICT, "membership", why),
+        ClusterOpError::Unavailable(why) => {
+            ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "cluster-unavailable", why)
+        }
+    }
+}
+
+/// Admits a node into the cluster (admin). The node itself runs `comodit-node --join <member>`:
+/// it learns the members from the one it contacts and receives the state from the leader. It
+/// joins as a learner and is promoted to voter while the cluster has fewer than five; it gets its
+/// share of the shards once its lease is live.
+#[utoipa::path(post, path = "/api/v1/cluster/nodes", tag = "cluster", request_body = JoinNode,
+    responses((status = 202, description = "Admission proposed; follow GET /api/v1/cluster", body = MembershipAccepted)))]
+pub async fn join_node(
+    State(app): State<Arc<Shared>>,
+    Json(body): Json<JoinNode>,
+) -> Result<Response, ApiError> {
+    let cluster = member_of_a_cluster(&app)?;
+    if body.id == 0 {
+        return Err(ApiError::unprocessable("id 0 is reserved").field("id"));
+    }
+    if body.addr.parse::<std::net::SocketAddr>().is_err() {
+        return Err(ApiError::unprocessable("addr must be ip:port").field("addr"));
+    }
+    let members = cluster
+        .add_node(body.id, body.addr)
+        .await
+        .map_err(membership_error)?;
+    Ok((
+        StatusCode::ACCEPTED,
+        Json(MembershipAccepted {
+            status: "joining".into(),
+            node: body.id,
+            members: members
+                .into_iter()
+                .map(|(id, addr)| MemberView { id, addr })
+                .collect(),
+        }),
+    )
+        .into_response())
+}
+
+/// Decommissions a node (admin): it stops getting shards, hands every shard it owns off to the
+/// others (two-step, never two owners at once), leaves the Raft configuration, then its process
+/// exits. The last active node cannot be decommissioned.
+#[utoipa::path(post, path = "/api/v1/cluster/nodes/{id}/decommission", tag = "cluster",
+    params(("id" = u64, Path, description = "The node's Raft id")),
+    responses((status = 202, description = "Decommission proposed; follow GET /api/v1/cluster", body = MembershipAccepted)))]
+pub async fn decommission_node(
+    State(app): State<Arc<Shared>>,
+    Path(id): Path<String>,
+) -> Result<Response, ApiError> {
+    let cluster = member_of_a_cluster(&app)?;
+    let id: u64 = id
+        .parse()
+        .ok()
+        .filter(|&id| id > 0)
+        .ok_or_else(|| ApiError::unprocessable("the node id must be a positive integer"))?;
+    cluster.decommission(id).await.map_err(membership_error)?;
+    Ok((
+        StatusCode::ACCEPTED,
+        Json(MembershipAccepted {
+            status: "leaving".into(),
+            node: id,
+            members: Vec::new(),
+        }),
+    )
+        .into_response())
 }

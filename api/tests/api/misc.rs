@@ -515,3 +515,60 @@ async fn a_single_node_reports_a_cluster_of_one_to_any_reader() {
         );
     }
 }
+
+#[tokio::test]
+async fn cluster_shards_are_readable_and_membership_changes_are_for_admins_of_a_cluster() {
+    let app = TestApp::new().await;
+    let (org, _env, _host) = app.fleet().await;
+    let viewer = app
+        .token("shards-viewer", Role::Viewer, Scope::Org { org: org.id })
+        .await;
+    let r = app
+        .call(Method::GET, "/api/v1/cluster/shards", Some(&viewer), None)
+        .await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.text);
+    let shards = r.json()["shards"].as_array().unwrap().clone();
+    assert_eq!(shards.len(), crate::common::N_SHARDS as usize);
+    assert!(shards.iter().all(|s| s["owner"] == 1));
+
+    let join = json!({"id": 4, "addr": "127.0.0.1:7004"});
+    // Not an admin: refused before anything else.
+    for (path, body) in [
+        ("/api/v1/cluster/nodes", Some(join.clone())),
+        ("/api/v1/cluster/nodes/2/decommission", None),
+    ] {
+        let r = app.call(Method::POST, path, Some(&viewer), body).await;
+        assert_eq!(r.status, StatusCode::FORBIDDEN, "{path}: {}", r.text);
+    }
+    // An admin of a single node: there is no membership to change.
+    let r = app
+        .call(
+            Method::POST,
+            "/api/v1/cluster/nodes",
+            Some(&app.admin),
+            Some(join),
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::CONFLICT, "{}", r.text);
+    assert!(r.problem().detail.contains("no cluster_id"), "{}", r.text);
+    let r = app
+        .call(
+            Method::POST,
+            "/api/v1/cluster/nodes/2/decommission",
+            Some(&app.admin),
+            None,
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::CONFLICT, "{}", r.text);
+    // Unknown fields are refused.
+    let r = app
+        .call(
+            Method::POST,
+            "/api/v1/cluster/nodes",
+            Some(&app.admin),
+            Some(json!({"id": 4, "addr": "127.0.0.1:7004", "voter": true})),
+        )
+        .await;
+    assert!(r.status.is_client_error(), "{}", r.text);
+    assert_ne!(r.status, StatusCode::CONFLICT, "{}", r.text);
+}
