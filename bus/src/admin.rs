@@ -296,6 +296,71 @@ impl BrokerAdmin {
         Ok(())
     }
 
+    /// Creates (or updates) a shared *fleet* user for load tests (never for production agents):
+    /// many simulated hosts share one connection, so they cannot each log in as themselves.
+    /// It gets the `impersonator` tag, so it may publish with any host's `user_id` (the node
+    /// trusts that property: DESIGN §5), and permissions bounded to the prefix: configure
+    /// nothing, write only `<p>.up`, read only `<p>.agent.*`, and on `<p>.up` only the routing
+    /// keys of agents' own kinds — never `kick`, which the node accepts from its own user only.
+    /// Delete it when the run ends ([`BrokerAdmin::delete_user`]).
+    pub async fn ensure_fleet_user(
+        &self,
+        names: &Names,
+        user: &str,
+        password: &str,
+    ) -> Result<(), AdminError> {
+        if user.parse::<HostId>().is_ok() {
+            return Err(invalid("fleet user", "must not be a host id"));
+        }
+        self.put_user(user, password, "impersonator").await?;
+        let p = regex_escape(names.prefix());
+        self.put_permissions(
+            user,
+            "^$",
+            &format!("^{p}\\.up$"),
+            &format!("^{p}\\.agent\\..+$"),
+        )
+        .await?;
+        let kinds = comodit_protocol::UpKind::ALL
+            .iter()
+            .filter(|k| **k != comodit_protocol::UpKind::Kick)
+            .map(|k| k.as_str())
+            .collect::<Vec<_>>()
+            .join("|");
+        let path = format!(
+            "/api/topic-permissions/{}/{}",
+            self.inner.vhost_path,
+            encode(user)
+        );
+        self.call(
+            "PUT",
+            path,
+            Some(json!({
+                "exchange": names.up_exchange(),
+                "write": format!("^up\\.[0-9]+\\.[0-9a-f-]{{36}}\\.({kinds})$"),
+                "read": "^$",
+            })),
+        )
+        .await?;
+        info!(user, "fleet broker user ensured");
+        Ok(())
+    }
+
+    /// Deletes many users in one call (`POST /api/users/bulk-delete`); users that do not exist
+    /// are skipped by the broker. RabbitMQ closes their connections.
+    pub async fn delete_users(&self, users: &[String]) -> Result<(), AdminError> {
+        if users.is_empty() {
+            return Ok(());
+        }
+        self.call(
+            "POST",
+            "/api/users/bulk-delete".into(),
+            Some(json!({ "users": users })),
+        )
+        .await
+        .map(|_| ())
+    }
+
     async fn put_user(&self, user: &str, password: &str, tags: &str) -> Result<(), AdminError> {
         if user.is_empty() {
             return Err(invalid("user", "empty"));
@@ -379,17 +444,19 @@ impl Inner {
         let sent = match method {
             "GET" => self.request_without_body(self.http.get(&url), reason),
             "DELETE" => self.request_without_body(self.http.delete(&url), reason),
-            "PUT" => {
-                let req = self
-                    .http
-                    .put(&url)
-                    .header("Authorization", &self.authorization);
+            "PUT" | "POST" => {
+                let req = if method == "PUT" {
+                    self.http.put(&url)
+                } else {
+                    self.http.post(&url)
+                }
+                .header("Authorization", &self.authorization);
                 match body {
                     Some(body) => req.send_json(body),
                     None => req.send_empty(),
                 }
             }
-            _ => unreachable!("only GET, PUT and DELETE are used"),
+            _ => unreachable!("only GET, PUT, POST and DELETE are used"),
         };
         let mut response = sent.map_err(|e| classify(operation(), e))?;
         let status = response.status().as_u16();

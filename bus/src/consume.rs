@@ -67,6 +67,8 @@ impl Consumer {
 pub struct Delivery {
     pub exchange: String,
     pub routing_key: String,
+    /// The queue it was consumed from.
+    pub queue: std::sync::Arc<str>,
     /// Set by the broker when this message was delivered before and not acked.
     pub redelivered: bool,
     pub payload: Vec<u8>,
@@ -85,12 +87,17 @@ pub struct Delivery {
 }
 
 impl Delivery {
-    fn from_lapin(d: lapin::message::Delivery, generation: u64) -> Delivery {
+    fn from_lapin(
+        d: lapin::message::Delivery,
+        queue: std::sync::Arc<str>,
+        generation: u64,
+    ) -> Delivery {
         let text = |s: &Option<lapin::types::ShortString>| s.as_ref().map(|s| s.to_string());
         let p = &d.properties;
         Delivery {
             exchange: d.exchange.to_string(),
             routing_key: d.routing_key.to_string(),
+            queue,
             redelivered: d.redelivered,
             kind: text(p.kind()),
             message_id: text(p.message_id()),
@@ -138,15 +145,37 @@ impl Bus {
         let capacity = usize::from(opts.prefetch.max(1));
         let (tx, rx) = mpsc::channel(capacity);
         let span = tracing::info_span!("bus_consumer", queue = %queue);
-        tokio::spawn(consume_task(self.clone(), queue.to_owned(), opts, tx).instrument(span));
+        tokio::spawn(consume_task(self.clone(), vec![queue.to_owned()], opts, tx).instrument(span));
         Consumer {
             queue: queue.to_owned(),
             rx,
         }
     }
+
+    /// One consumer of many queues on one channel (a subscription per queue, `prefetch`
+    /// each), merged into one stream; otherwise like [`Bus::consume`]. For processes that
+    /// stand for many hosts (the loadtest's simulated fleet): a channel per queue would cost the
+    /// broker a channel process per host and hit the connection's channel limit (2,047 by
+    /// default). [`Delivery::queue`] tells which queue a delivery came from.
+    /// [`Consumer::queue`] is the first queue. The buffer holds at most 4,096 deliveries; the
+    /// rest wait, unacked, at the broker.
+    pub fn consume_many(&self, queues: Vec<String>, opts: ConsumeOptions) -> Consumer {
+        let per_queue = usize::from(opts.prefetch.max(1));
+        let capacity = per_queue.saturating_mul(queues.len().max(1)).min(4096);
+        let (tx, rx) = mpsc::channel(capacity);
+        let first = queues.first().cloned().unwrap_or_default();
+        let span = tracing::info_span!("bus_consumer", queue = %first, queues = queues.len());
+        tokio::spawn(consume_task(self.clone(), queues, opts, tx).instrument(span));
+        Consumer { queue: first, rx }
+    }
 }
 
-async fn consume_task(bus: Bus, queue: String, opts: ConsumeOptions, tx: mpsc::Sender<Delivery>) {
+async fn consume_task(
+    bus: Bus,
+    queues: Vec<String>,
+    opts: ConsumeOptions,
+    tx: mpsc::Sender<Delivery>,
+) {
     let shutdown = bus.shared.shutdown.clone();
     let mut live_rx = bus.shared.live.subscribe();
     let mut failures: u32 = 0;
@@ -157,7 +186,7 @@ async fn consume_task(bus: Bus, queue: String, opts: ConsumeOptions, tx: mpsc::S
             _ = tx.closed() => return,
             live = next_live(&mut live_rx, 0) => match live { Some(l) => l, None => return },
         };
-        match subscribe(&live, &queue, &opts).await {
+        match subscribe(&live, &queues, &opts).await {
             Ok((channel, consumer)) => {
                 failures = 0;
                 info!(generation = live.generation, "consumer subscribed");
@@ -206,13 +235,12 @@ async fn next_live(
     }
 }
 
+/// Subscribes to every queue on one new channel; the subscriptions come back merged.
 async fn subscribe(
     live: &Live,
-    queue: &str,
+    queues: &[String],
     opts: &ConsumeOptions,
-) -> Result<(Channel, lapin::Consumer), BusError> {
-    let queue_s = short("queue", queue)?;
-    let tag = short("consumer_tag", &opts.consumer_tag)?;
+) -> Result<(Channel, Merged), BusError> {
     let channel = live.conn.create_channel().await?;
     channel
         .basic_qos(opts.prefetch.max(1), BasicQosOptions { global: false })
@@ -223,11 +251,35 @@ async fn subscribe(
         exclusive: opts.exclusive,
         nowait: false,
     };
-    let consumer = channel
-        .basic_consume(queue_s, tag, options, FieldTable::default())
-        .await?;
-    Ok((channel, consumer))
+    let mut consumers = Vec::with_capacity(queues.len());
+    for (i, queue) in queues.iter().enumerate() {
+        let queue_s = short("queue", queue)?;
+        // Tags must differ between the subscriptions of one channel.
+        let tag = if queues.len() > 1 && !opts.consumer_tag.is_empty() {
+            format!("{}.{i}", opts.consumer_tag)
+        } else {
+            opts.consumer_tag.clone()
+        };
+        let tag = short("consumer_tag", &tag)?;
+        let consumer = channel
+            .basic_consume(queue_s, tag, options, FieldTable::default())
+            .await?;
+        let name: std::sync::Arc<str> = queue.as_str().into();
+        let tagged: Tagged = Box::pin(consumer.map(move |d| (name.clone(), d)));
+        consumers.push(tagged);
+    }
+    Ok((channel, futures_util::stream::select_all(consumers)))
 }
+
+/// One subscription's deliveries, each with the name of its queue.
+type Tagged = std::pin::Pin<
+    Box<
+        dyn futures_util::Stream<
+                Item = (std::sync::Arc<str>, lapin::Result<lapin::message::Delivery>),
+            > + Send,
+    >,
+>;
+type Merged = futures_util::stream::SelectAll<Tagged>;
 
 enum Forward {
     /// Shutdown, or the [`Consumer`] was dropped.
@@ -239,7 +291,7 @@ enum Forward {
 async fn forward(
     bus: &Bus,
     live: &Live,
-    mut consumer: lapin::Consumer,
+    mut consumer: Merged,
     tx: &mpsc::Sender<Delivery>,
 ) -> Forward {
     let shutdown = &bus.shared.shutdown;
@@ -250,8 +302,8 @@ async fn forward(
             next = consumer.next() => next,
         };
         let delivery = match next {
-            Some(Ok(d)) => Delivery::from_lapin(d, live.generation),
-            Some(Err(e)) => return Forward::Ended(e.to_string()),
+            Some((queue, Ok(d))) => Delivery::from_lapin(d, queue, live.generation),
+            Some((_, Err(e))) => return Forward::Ended(e.to_string()),
             None => return Forward::Ended("cancelled".into()),
         };
         debug!(routing_key = %delivery.routing_key, redelivered = delivery.redelivered, "delivery");

@@ -5,8 +5,22 @@
 //! - `api-put`: resource PUTs one after another (API → host actor → agent → reply → API), each a real
 //!   change of a file on the agent's host; reports the round-trip distribution.
 //!
-//! Every run is bounded by its request count or duration. The simulated fleets, the broker's `bare`
-//! ceiling and the report of the loadtest issue build on this crate.
+//! Every run is bounded by its request count or duration.
+//!
+//! The fleet scenarios (`enroll`, `steady`, `apply`, `run`, `bare`, `failover`) start what they
+//! measure themselves — `comodit-node` processes on a fresh broker prefix, thousands of simulated
+//! hosts ([`fleet`]) — measure, run the bare ceiling of the same size ([`bare`]), delete what they
+//! created on the broker, and write `report.json`, `report.md` and SVG plots ([`report`]) into
+//! `--out`. See docs/performance.md for the figures and the exact commands.
+
+mod bare;
+mod enroller;
+mod failover;
+mod fleet;
+mod measure;
+mod report;
+mod rig;
+mod scenarios;
 
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
@@ -21,8 +35,9 @@ use serde_json::json;
 struct Cli {
     #[arg(long, env = "COMODIT_URL", default_value = "http://127.0.0.1:8080")]
     url: String,
+    /// The admin token of the node (api-get and api-put).
     #[arg(long, env = "COMODIT_TOKEN_FILE")]
-    token_file: std::path::PathBuf,
+    token_file: Option<std::path::PathBuf>,
     #[command(subcommand)]
     scenario: Scenario,
 }
@@ -51,6 +66,48 @@ enum Scenario {
         #[arg(long, default_value = "/tmp/comodit-loadtest.txt")]
         path: String,
     },
+    /// Enroll --hosts simulated hosts through the real enrollment path; reports hosts/min.
+    Enroll {
+        #[command(flatten)]
+        common: scenarios::Common,
+    },
+    /// The whole fleet connected: node memory per idle host, then broker and node load with
+    /// routed heartbeats and without (connection-level liveness only), --duration-s each.
+    Steady {
+        #[command(flatten)]
+        common: scenarios::Common,
+        #[arg(long, default_value_t = 60)]
+        duration_s: u64,
+        /// The fleet connects in this many steps (memory over fleet size).
+        #[arg(long, default_value_t = 5)]
+        steps: usize,
+    },
+    /// One file resource PUT to every host through the API, --concurrency at a time.
+    Apply {
+        #[command(flatten)]
+        common: scenarios::Common,
+    },
+    /// One `run` to every host through the API, --concurrency at a time.
+    Run {
+        #[command(flatten)]
+        common: scenarios::Common,
+    },
+    /// The broker's ceiling with no node: unicast and broadcast to --hosts queues.
+    Bare {
+        #[command(flatten)]
+        common: scenarios::Common,
+    },
+    /// A fleet on a 3-node cluster (PostgreSQL), one node SIGKILLed mid-wave.
+    Failover {
+        #[command(flatten)]
+        common: scenarios::Common,
+        /// An empty PostgreSQL database the three nodes share.
+        #[arg(long, env = "COMODIT_LOADTEST_PG_URL", hide_env_values = true)]
+        postgres_url: String,
+        /// Kill a node once this fraction of the hosts answered.
+        #[arg(long, default_value_t = 0.3)]
+        kill_after: f64,
+    },
 }
 
 fn agent() -> ureq::Agent {
@@ -78,12 +135,19 @@ fn report(name: &str, h: &Histogram<u64>, elapsed: Duration, errors: u64) {
 
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
-    let token = std::fs::read_to_string(&cli.token_file)
-        .with_context(|| format!("reading {}", cli.token_file.display()))?
+    let scenario = match cli.scenario {
+        s @ (Scenario::ApiGet { .. } | Scenario::ApiPut { .. }) => s,
+        fleet => return fleet_scenario(fleet),
+    };
+    let token_file = cli
+        .token_file
+        .context("--token-file (or COMODIT_TOKEN_FILE) is required for api-get and api-put")?;
+    let token = std::fs::read_to_string(&token_file)
+        .with_context(|| format!("reading {}", token_file.display()))?
         .trim()
         .to_owned();
     let auth = format!("Bearer {token}");
-    match cli.scenario {
+    match scenario {
         Scenario::ApiGet {
             host,
             rate,
@@ -178,6 +242,95 @@ fn main() -> anyhow::Result<()> {
                 bail!("{errors} requests failed");
             }
         }
+        _ => unreachable!("fleet scenarios return above"),
     }
     Ok(())
+}
+
+/// Runs a fleet scenario on a tokio runtime; Ctrl-C (or SIGTERM) stops it, and it still cleans
+/// the broker up and writes what it measured.
+fn fleet_scenario(s: Scenario) -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("COMODIT_LOADTEST_LOG")
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("error,lapin=off")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .max_blocking_threads(1024)
+        .build()?;
+    rt.block_on(async move {
+        let shutdown = tokio_util::sync::CancellationToken::new();
+        {
+            let shutdown = shutdown.clone();
+            tokio::spawn(async move {
+                let mut term =
+                    tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+                        .expect("SIGTERM handler");
+                tokio::select! {
+                    _ = tokio::signal::ctrl_c() => {}
+                    _ = term.recv() => {}
+                }
+                eprintln!("interrupted: cleaning up");
+                shutdown.cancel();
+            });
+        }
+        let (name, common, params) = match &s {
+            Scenario::Enroll { common } => ("enroll", common.clone(), json!({})),
+            Scenario::Steady {
+                common,
+                duration_s,
+                steps,
+            } => (
+                "steady",
+                common.clone(),
+                json!({"duration_s": duration_s, "steps": steps}),
+            ),
+            Scenario::Apply { common } => ("apply", common.clone(), json!({})),
+            Scenario::Run { common } => ("run", common.clone(), json!({})),
+            Scenario::Bare { common } => ("bare", common.clone(), json!({})),
+            Scenario::Failover {
+                common, kill_after, ..
+            } => (
+                "failover",
+                common.clone(),
+                json!({"kill_after": kill_after}),
+            ),
+            _ => unreachable!("api scenarios run without a runtime"),
+        };
+        let mut ctx = scenarios::Ctx::new(name, common, params, shutdown.clone());
+        let started = std::time::Instant::now();
+        let outcome = match s {
+            Scenario::Enroll { .. } => scenarios::enroll(&mut ctx).await,
+            Scenario::Steady {
+                duration_s, steps, ..
+            } => scenarios::steady(&mut ctx, duration_s, steps).await,
+            Scenario::Apply { .. } => {
+                let content = format!("loadtest {}\n", chrono::Utc::now().to_rfc3339());
+                scenarios::api_wave_scenario(&mut ctx, scenarios::ApiOp::Apply { content }).await
+            }
+            Scenario::Run { .. } => {
+                scenarios::api_wave_scenario(&mut ctx, scenarios::ApiOp::Run).await
+            }
+            Scenario::Bare { .. } => scenarios::bare_only(&mut ctx).await,
+            Scenario::Failover {
+                postgres_url,
+                kill_after,
+                ..
+            } => failover::run(&mut ctx, &postgres_url, kill_after).await,
+            _ => unreachable!(),
+        };
+        if let Err(e) = &outcome {
+            ctx.report.notes.push(format!("the run FAILED: {e:#}"));
+        }
+        let out = ctx.finish()?;
+        eprintln!(
+            "{name}: report in {} ({:.1} s)",
+            out.join("report.md").display(),
+            started.elapsed().as_secs_f64()
+        );
+        outcome
+    })
 }

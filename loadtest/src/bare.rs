@@ -1,0 +1,368 @@
+//! The broker's ceiling: the node's message patterns with no node.
+//!
+//! The same topology as a node declares (`bus::topology::declare_core` with the same shard count,
+//! one durable queue per host bound to `<p>.down`), the same simulated fleet, and in the node's
+//! place a driver that publishes the commands itself (confirmed, through [`Bus::publish`], as the
+//! node does) and consumes the replies from the shard queues (quorum, as the node does):
+//!
+//! - **unicast**: one command per host queue (`<p>.down`, routing key = host id), one reply each;
+//! - **broadcast**: one command published once on a fanout exchange bound to every host queue,
+//!   fanned out by the broker, one reply each.
+//!
+//! Nothing is written to a store, nothing is looked up: what is left is the broker, the client
+//! library and the fleet, on this machine. Every fleet figure is divided by these.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use chrono::Utc;
+use comodit_bus::lapin::options::{ExchangeDeclareOptions, QueueBindOptions};
+use comodit_bus::lapin::types::FieldTable;
+use comodit_bus::lapin::ExchangeKind;
+use comodit_bus::{topology, Bus, BusConfig, ConsumeOptions, OutMessage};
+use comodit_protocol::{
+    Body, Command, CommandId, Epoch, HostId, Names, Shard, Status, Up, UpKey, UpKind, V1,
+};
+use futures_util::StreamExt;
+use tokio::sync::Mutex;
+use tokio_util::sync::CancellationToken;
+
+use crate::fleet::{Fleet, FleetConfig, Login};
+use crate::measure::Wave;
+use crate::rig::Broker;
+
+/// The node's default prefetch per shard queue.
+const DRIVER_PREFETCH: u16 = 256;
+
+pub struct BareOptions {
+    pub hosts: usize,
+    pub n_shards: u32,
+    pub hosts_per_conn: usize,
+    /// The command each host gets.
+    pub body: Body,
+    pub deadline: Duration,
+    pub broadcast: bool,
+}
+
+pub struct BareResult {
+    pub unicast: Wave,
+    pub broadcast: Option<Wave>,
+    pub setup: Duration,
+}
+
+/// Runs bare unicast (and broadcast) on a prefix of its own, then deletes everything it made.
+pub async fn run(
+    broker: &Broker,
+    opts: &BareOptions,
+    shutdown: &CancellationToken,
+) -> anyhow::Result<BareResult> {
+    let prefix = crate::rig::run_prefix();
+    let user = crate::rig::fleet_user(&prefix);
+    let r = run_on(broker, &prefix, &user, opts, shutdown).await;
+    crate::rig::cleanup(broker, &prefix, vec![user]).await;
+    r
+}
+
+async fn run_on(
+    broker: &Broker,
+    prefix: &str,
+    user: &str,
+    opts: &BareOptions,
+    shutdown: &CancellationToken,
+) -> anyhow::Result<BareResult> {
+    let setup_started = Instant::now();
+    let names = Names::new(prefix)?;
+    let stop = shutdown.child_token();
+    let _guard = stop.clone().drop_guard();
+    let driver = Bus::start(
+        BusConfig {
+            url: broker.admin_url(),
+            connection_name: format!("comodit-loadtest bare driver {prefix}"),
+            ..BusConfig::default()
+        },
+        stop.clone(),
+    );
+    driver.wait_connected(Duration::from_secs(30)).await?;
+    let hosts: Vec<HostId> = (0..opts.hosts).map(|_| HostId::random()).collect();
+    let bcast = format!("{prefix}.bcast");
+    {
+        let ch = driver.channel().await?;
+        topology::declare_core(&ch, &names, opts.n_shards).await?;
+        ch.exchange_declare(
+            bcast.as_str().into(),
+            ExchangeKind::Fanout,
+            ExchangeDeclareOptions::default(),
+            FieldTable::default(),
+        )
+        .await?;
+        for h in &hosts {
+            topology::declare_agent_queue(&ch, &names, *h).await?;
+            if opts.broadcast {
+                ch.queue_bind(
+                    names.agent_queue(*h).as_str().into(),
+                    bcast.as_str().into(),
+                    "".into(),
+                    QueueBindOptions::default(),
+                    FieldTable::default(),
+                )
+                .await?;
+            }
+        }
+        let _ = ch.close(200, "declared".into()).await;
+    }
+    let password = uuid::Uuid::new_v4().to_string();
+    broker
+        .admin()?
+        .ensure_fleet_user(&names, user, &password)
+        .await
+        .context("fleet user")?;
+    let fleet = Fleet::start(
+        FleetConfig {
+            broker: broker.amqp.clone(),
+            names: names.clone(),
+            n_shards: opts.n_shards,
+            login: Login::Shared {
+                user: user.to_owned(),
+                password,
+            },
+            hosts_per_conn: opts.hosts_per_conn,
+            heartbeat_s: 0,
+            amqp_heartbeat_s: 30,
+            prefetch: 4,
+            fail_fraction: 0.0,
+            slow_fraction: 0.0,
+            slow_ms: 0,
+        },
+        hosts.iter().map(|h| (*h, None)).collect(),
+        stop.child_token(),
+    );
+    let r = async {
+        fleet
+            .wait_ready(Duration::from_secs(120 + opts.hosts as u64 / 100))
+            .await?;
+        // The replies of both waves arrive on the shard queues, like the node's.
+        let replies = Replies::start(&driver, &names, opts.n_shards);
+        // The hellos of the connect are in the shard queues too: let the consumer drain them.
+        replies
+            .wait_hellos(
+                opts.hosts,
+                Duration::from_secs(60 + opts.hosts as u64 / 500),
+            )
+            .await;
+        let setup = setup_started.elapsed();
+        eprintln!(
+            "bare: {} hosts ready in {:.1} s",
+            opts.hosts,
+            setup.as_secs_f64()
+        );
+        let unicast = unicast(&driver, &names, &hosts, &opts.body, &replies, opts.deadline).await?;
+        eprintln!(
+            "bare unicast: {} of {} answered in {:.2} s ({:.0}/s)",
+            unicast.answered,
+            unicast.expected,
+            unicast.elapsed.as_secs_f64(),
+            unicast.throughput()
+        );
+        let broadcast = if opts.broadcast {
+            let w = broadcast(&driver, &bcast, &hosts, &opts.body, &replies, opts.deadline).await?;
+            eprintln!(
+                "bare broadcast: {} of {} answered in {:.2} s ({:.0}/s)",
+                w.answered,
+                w.expected,
+                w.elapsed.as_secs_f64(),
+                w.throughput()
+            );
+            Some(w)
+        } else {
+            None
+        };
+        anyhow::Ok(BareResult {
+            unicast,
+            broadcast,
+            setup,
+        })
+    }
+    .await;
+    fleet.stop().await;
+    stop.cancel();
+    r
+}
+
+pub fn command(host: HostId, body: &Body) -> Command {
+    let now = Utc::now();
+    Command {
+        v: V1,
+        id: CommandId::random(),
+        host,
+        epoch: Epoch(1),
+        issued_at: now,
+        expires_at: now + chrono::Duration::minutes(10),
+        body: body.clone(),
+    }
+}
+
+/// Who waits for the reply to each command id: (the answering host, answered ok).
+type Waiting = Arc<Mutex<HashMap<CommandId, tokio::sync::mpsc::UnboundedSender<(HostId, bool)>>>>;
+
+/// Consumes every shard queue; hands each reply to whoever waits for its command id.
+struct Replies {
+    waiting: Waiting,
+    hellos: Arc<std::sync::atomic::AtomicUsize>,
+}
+
+impl Replies {
+    fn start(bus: &Bus, names: &Names, n_shards: u32) -> Replies {
+        let queues = (0..n_shards).map(|n| names.shard_queue(Shard(n))).collect();
+        let mut consumer = bus.consume_many(
+            queues,
+            ConsumeOptions {
+                prefetch: DRIVER_PREFETCH,
+                consumer_tag: String::new(),
+                exclusive: false,
+            },
+        );
+        let waiting: Waiting = Arc::default();
+        let hellos = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let (w, h) = (waiting.clone(), hellos.clone());
+        tokio::spawn(async move {
+            while let Some(d) = consumer.next().await {
+                let parsed = UpKey::parse(&d.routing_key, n_shards)
+                    .ok()
+                    .and_then(|k| Up::decode(k.kind, &d.payload).ok().map(|u| (k, u)));
+                match parsed {
+                    Some((k, Up::Reply(r))) if k.kind == UpKind::Reply => {
+                        if let Some(re) = r.re {
+                            if let Some(tx) = w.lock().await.get(&re) {
+                                let _ = tx.send((r.host, r.status == Status::Ok));
+                            }
+                        }
+                    }
+                    Some((_, Up::Hello(_))) => {
+                        h.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    }
+                    _ => {}
+                }
+                let _ = d.ack().await;
+            }
+        });
+        Replies { waiting, hellos }
+    }
+
+    async fn wait_hellos(&self, n: usize, deadline: Duration) {
+        let until = Instant::now() + deadline;
+        while self.hellos.load(std::sync::atomic::Ordering::Relaxed) < n && Instant::now() < until {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+}
+
+async fn unicast(
+    bus: &Bus,
+    names: &Names,
+    hosts: &[HostId],
+    body: &Body,
+    replies: &Replies,
+    deadline: Duration,
+) -> anyhow::Result<Wave> {
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    let cmds: Vec<Command> = hosts.iter().map(|h| command(*h, body)).collect();
+    let mut sent_at: HashMap<HostId, Instant> = HashMap::with_capacity(hosts.len());
+    {
+        let mut w = replies.waiting.lock().await;
+        w.clear();
+        for c in &cmds {
+            w.insert(c.id, tx.clone());
+        }
+    }
+    drop(tx);
+    let exchange = names.down_exchange();
+    let start = Instant::now();
+    let (stx, mut srx) = tokio::sync::mpsc::unbounded_channel();
+    let publisher = {
+        let bus = bus.clone();
+        tokio::spawn(async move {
+            futures_util::stream::iter(cmds)
+                .map(|c| {
+                    let (bus, exchange, stx) = (bus.clone(), exchange.clone(), stx.clone());
+                    async move {
+                        let at = Instant::now();
+                        let msg = OutMessage::json("command", c.encode());
+                        let r = bus.publish(&exchange, &c.host.to_string(), msg).await;
+                        let _ = stx.send((c.host, at, r.is_ok()));
+                    }
+                })
+                .buffer_unordered(comodit_bus::MAX_PUBLISHES_IN_FLIGHT)
+                .collect::<Vec<()>>()
+                .await;
+        })
+    };
+    let mut wave = Wave::new("bare_unicast", hosts.len());
+    let until = start + deadline;
+    let mut publish_failed = 0;
+    let mut early: Vec<(HostId, Instant, bool)> = Vec::new();
+    while wave.answered < hosts.len() {
+        tokio::select! {
+            s = srx.recv() => if let Some((h, at, ok)) = s {
+                sent_at.insert(h, at);
+                if !ok { publish_failed += 1; }
+            },
+            r = rx.recv() => match r {
+                Some((h, ok)) => early.push((h, Instant::now(), ok)),
+                None => break,
+            },
+            _ = tokio::time::sleep_until(until.into()) => break,
+        }
+        // A reply can overtake its send record (both are tasks): match them when both are known.
+        early.retain(|(h, got, ok)| match sent_at.get(h) {
+            Some(at) => {
+                wave.record(got.duration_since(start), got.duration_since(*at), *ok);
+                false
+            }
+            None => true,
+        });
+    }
+    wave.elapsed = start.elapsed();
+    publisher.abort();
+    replies.waiting.lock().await.clear();
+    if publish_failed > 0 {
+        bail!("bare unicast: {publish_failed} publishes failed");
+    }
+    Ok(wave)
+}
+
+async fn broadcast(
+    bus: &Bus,
+    exchange: &str,
+    hosts: &[HostId],
+    body: &Body,
+    replies: &Replies,
+    deadline: Duration,
+) -> anyhow::Result<Wave> {
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    // One command for all: its host is the first host's (each simulated host answers as itself).
+    let cmd = command(hosts[0], body);
+    replies.waiting.lock().await.insert(cmd.id, tx);
+    let start = Instant::now();
+    bus.publish(exchange, "", OutMessage::json("command", cmd.encode()))
+        .await
+        .context("broadcast publish")?;
+    let mut wave = Wave::new("bare_broadcast", hosts.len());
+    let until = start + deadline;
+    while wave.answered < hosts.len() {
+        tokio::select! {
+            r = rx.recv() => match r {
+                Some((_, ok)) => {
+                    let at = start.elapsed();
+                    wave.record(at, at, ok);
+                }
+                None => break,
+            },
+            _ = tokio::time::sleep_until(until.into()) => break,
+        }
+    }
+    wave.elapsed = start.elapsed();
+    replies.waiting.lock().await.clear();
+    Ok(wave)
+}

@@ -1,0 +1,489 @@
+//! The system under test: `comodit-node` processes started by the loadtest itself (a temporary
+//! data directory, a unique broker prefix, a free port on loopback), their REST API, and the
+//! cleanup of everything a run created on the broker.
+//!
+//! A run owns its prefix (`lt` + 8 random hex digits): every queue, exchange and broker user it
+//! leaves behind carries it, so [`cleanup`] can find them even after a failed run. Node processes
+//! are killed when their handle drops.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use comodit_bus::admin::BrokerAdmin;
+use comodit_bus::{Bus, BusConfig};
+use comodit_protocol::Names;
+use rand::Rng;
+use serde_json::{json, Value};
+use tokio_util::sync::CancellationToken;
+
+/// Where the broker and its management API are, and as whom the loadtest administers it.
+#[derive(Clone, Debug)]
+pub struct Broker {
+    /// `amqp://127.0.0.1:5672/%2f` (no credentials).
+    pub amqp: String,
+    pub mgmt: String,
+    pub user: String,
+    pub password: String,
+}
+
+impl Broker {
+    pub fn admin_url(&self) -> String {
+        crate::fleet::with_credentials(&self.amqp, &self.user, &self.password)
+    }
+
+    pub fn admin(&self) -> anyhow::Result<BrokerAdmin> {
+        Ok(BrokerAdmin::new(
+            &self.mgmt,
+            &self.user,
+            &self.password,
+            "/",
+        )?)
+    }
+
+    /// A management API GET, parsed.
+    pub fn mgmt_get(&self, path: &str) -> anyhow::Result<Value> {
+        let http: ureq::Agent = ureq::Agent::config_builder()
+            .timeout_global(Some(Duration::from_secs(30)))
+            .build()
+            .into();
+        let auth = format!(
+            "Basic {}",
+            base64(format!("{}:{}", self.user, self.password).as_bytes())
+        );
+        let mut r = http
+            .get(format!("{}{path}", self.mgmt.trim_end_matches('/')))
+            .header("Authorization", &auth)
+            .call()
+            .with_context(|| format!("GET {path}"))?;
+        let bytes = r.body_mut().with_config().limit(256 << 20).read_to_vec()?;
+        Ok(serde_json::from_slice(&bytes)?)
+    }
+}
+
+/// A fresh prefix for one run.
+pub fn run_prefix() -> String {
+    format!("lt{:08x}", rand::thread_rng().gen::<u32>())
+}
+
+/// A child process killed (SIGKILL) when dropped.
+pub struct NodeProc {
+    pub id: u64,
+    pub child: Option<Child>,
+    pub port: u16,
+    pub dir: PathBuf,
+    pub log: PathBuf,
+}
+
+impl NodeProc {
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("http://127.0.0.1:{}{}", self.port, path)
+    }
+
+    /// SIGTERM, then SIGKILL after `grace`.
+    pub fn stop(&mut self, grace: Duration) {
+        let Some(mut child) = self.child.take() else {
+            return;
+        };
+        unsafe {
+            libc::kill(child.id() as i32, libc::SIGTERM);
+        }
+        let until = Instant::now() + grace;
+        while Instant::now() < until {
+            if let Ok(Some(_)) = child.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let _ = child.kill();
+        let _ = child.wait();
+    }
+
+    pub fn kill9(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+impl Drop for NodeProc {
+    fn drop(&mut self) {
+        self.kill9();
+    }
+}
+
+/// How to start nodes.
+#[derive(Clone, Debug)]
+pub struct NodeOptions {
+    pub bin: PathBuf,
+    pub n_shards: u32,
+    /// The agents' routed heartbeat period the node expects (its offline sweep).
+    pub heartbeat_s: u64,
+    pub command_timeout_s: u64,
+    pub log: String,
+    /// Extra `COMODIT_*` variables.
+    pub env: Vec<(String, String)>,
+}
+
+pub fn free_port() -> anyhow::Result<u16> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port())
+}
+
+/// Starts one node and waits (≤ 60 s) for `/healthz`.
+pub fn spawn_node(
+    id: u64,
+    work: &Path,
+    prefix: &str,
+    broker: &Broker,
+    opts: &NodeOptions,
+    extra: &[(String, String)],
+) -> anyhow::Result<NodeProc> {
+    let dir = work.join(format!("node{id}"));
+    std::fs::create_dir_all(&dir)?;
+    let port = free_port()?;
+    let log = dir.join("node.log");
+    let out = std::fs::File::create(&log)?;
+    if !opts.bin.exists() {
+        bail!(
+            "{} is missing: build it first (cargo build --release -p comodit-node) or pass --node-bin",
+            opts.bin.display()
+        );
+    }
+    let child = Command::new(&opts.bin)
+        .env_clear()
+        .env("PATH", std::env::var("PATH").unwrap_or_default())
+        .env("COMODIT_LISTEN", format!("127.0.0.1:{port}"))
+        .env("COMODIT_DATA_DIR", dir.join("data"))
+        .env("COMODIT_PREFIX", prefix)
+        .env("COMODIT_BROKER_URL", broker.admin_url())
+        .env("COMODIT_MGMT_URL", &broker.mgmt)
+        .env("COMODIT_MGMT_USER", &broker.user)
+        .env("COMODIT_MGMT_PASSWORD", &broker.password)
+        .env("COMODIT_N_SHARDS", opts.n_shards.to_string())
+        .env("COMODIT_HEARTBEAT_S", opts.heartbeat_s.max(1).to_string())
+        .env(
+            "COMODIT_COMMAND_TIMEOUT_S",
+            opts.command_timeout_s.to_string(),
+        )
+        .env("COMODIT_ENROLL_USER", enroll_user(prefix))
+        .env("COMODIT_ENROLL_PASSWORD", ENROLL_PASSWORD)
+        .env("COMODIT_LOG", &opts.log)
+        .envs(opts.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
+        .envs(extra.iter().map(|(k, v)| (k.as_str(), v.as_str())))
+        .stdout(Stdio::null())
+        .stderr(out)
+        .spawn()
+        .with_context(|| format!("starting {}", opts.bin.display()))?;
+    let mut node = NodeProc {
+        id,
+        child: Some(child),
+        port,
+        dir,
+        log,
+    };
+    let http = http(Duration::from_secs(2));
+    let until = Instant::now() + Duration::from_secs(60);
+    loop {
+        if let Ok(r) = http.get(node.url("/healthz")).call() {
+            if r.status().as_u16() == 200 {
+                return Ok(node);
+            }
+        }
+        if let Some(Ok(Some(status))) = node.child.as_mut().map(|c| c.try_wait()) {
+            bail!(
+                "node {id} exited with {status}; log {}:\n{}",
+                node.log.display(),
+                tail(&node.log)
+            );
+        }
+        if Instant::now() > until {
+            bail!(
+                "node {id} not healthy within 60 s; log {}",
+                node.log.display()
+            );
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+pub const ENROLL_PASSWORD: &str = "loadtest-enroll";
+
+pub fn enroll_user(prefix: &str) -> String {
+    format!("{prefix}-enroll")
+}
+
+pub fn fleet_user(prefix: &str) -> String {
+    format!("{prefix}-fleet")
+}
+
+pub fn tail(path: &Path) -> String {
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    let lines: Vec<&str> = text.lines().collect();
+    lines[lines.len().saturating_sub(30)..].join("\n")
+}
+
+pub fn http(timeout: Duration) -> ureq::Agent {
+    ureq::Agent::config_builder()
+        .http_status_as_error(false)
+        .timeout_global(Some(timeout))
+        .max_idle_connections(1024)
+        .max_idle_connections_per_host(1024)
+        .build()
+        .into()
+}
+
+/// The node's REST API with the admin token.
+#[derive(Clone)]
+pub struct Api {
+    pub base: String,
+    pub auth: String,
+    pub http: ureq::Agent,
+}
+
+impl Api {
+    pub fn new(node: &NodeProc, token: &str) -> Api {
+        Api {
+            base: format!("http://127.0.0.1:{}", node.port),
+            auth: format!("Bearer {token}"),
+            http: http(Duration::from_secs(120)),
+        }
+    }
+
+    /// One call; returns the status and the JSON answer (`Null` if none). Transport errors are
+    /// errors.
+    pub fn call(
+        &self,
+        method: &str,
+        path: &str,
+        body: Option<&Value>,
+    ) -> anyhow::Result<(u16, Value)> {
+        let url = format!("{}{path}", self.base);
+        let r = match method {
+            "GET" => self
+                .http
+                .get(&url)
+                .header("Authorization", &self.auth)
+                .call(),
+            "POST" => self
+                .http
+                .post(&url)
+                .header("Authorization", &self.auth)
+                .send_json(body.cloned().unwrap_or(json!({}))),
+            "PUT" => self
+                .http
+                .put(&url)
+                .header("Authorization", &self.auth)
+                .send_json(body.cloned().unwrap_or(json!({}))),
+            m => bail!("method {m}"),
+        }
+        .with_context(|| format!("{method} {path}"))?;
+        let status = r.status().as_u16();
+        let text = r.into_body().read_to_string().unwrap_or_default();
+        Ok((status, serde_json::from_str(&text).unwrap_or(Value::Null)))
+    }
+
+    pub fn enrollment_token(&self, uses: u64) -> anyhow::Result<String> {
+        let (status, body) = self.call(
+            "POST",
+            "/api/v1/orgs/default/envs/default/enrollment-tokens",
+            Some(&json!({"expires_in_s": 86_400, "max_uses": uses, "description": "loadtest"})),
+        )?;
+        if status != 201 {
+            bail!("enrollment token: HTTP {status}: {body}");
+        }
+        Ok(body["secret"].as_str().context("no secret")?.to_owned())
+    }
+
+    /// A gauge or counter from `/metrics` (summed over its label sets).
+    pub fn metric(&self, name: &str) -> anyhow::Result<f64> {
+        Ok(parse_metric(&self.metrics_text()?, name))
+    }
+
+    /// The node's whole `/metrics` exposition.
+    pub fn metrics_text(&self) -> anyhow::Result<String> {
+        let r = self
+            .http
+            .get(format!("{}/metrics", self.base))
+            .call()
+            .context("GET /metrics")?;
+        Ok(r.into_body()
+            .with_config()
+            .limit(64 << 20)
+            .read_to_string()?)
+    }
+}
+
+/// Sums the samples of `name` (with any labels) in a Prometheus text exposition.
+pub fn parse_metric(text: &str, name: &str) -> f64 {
+    text.lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter(|l| {
+            l.strip_prefix(name)
+                .is_some_and(|rest| rest.starts_with(' ') || rest.starts_with('{'))
+        })
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+/// Deletes what a run created on the broker: its users (the per-host users the node made at
+/// enrollment, the enrollment and fleet users) and every queue and exchange under its prefix.
+/// Best effort and bounded: what fails is printed, never raised.
+pub async fn cleanup(broker: &Broker, prefix: &str, users: Vec<String>) {
+    if prefix.is_empty() {
+        return;
+    }
+    let started = Instant::now();
+    if let Ok(admin) = broker.admin() {
+        for chunk in users.chunks(5000) {
+            // The bulk call refuses the whole list if one user does not exist (a run that
+            // failed before making it): then one by one, where a missing user is fine.
+            if admin.delete_users(chunk).await.is_err() {
+                for u in chunk {
+                    if let Err(e) = admin.delete_user(u).await {
+                        eprintln!("cleanup: deleting user {u}: {e}");
+                    }
+                }
+            }
+        }
+    }
+    let b = broker.clone();
+    let p = prefix.to_owned();
+    let listed =
+        tokio::task::spawn_blocking(move || -> anyhow::Result<(Vec<String>, Vec<String>)> {
+            let names = |kind: &str| -> anyhow::Result<Vec<String>> {
+                let v = b.mgmt_get(&format!("/api/{kind}/%2F?columns=name"))?;
+                Ok(v.as_array()
+                    .map(|a| {
+                        a.iter()
+                            .filter_map(|i| i["name"].as_str())
+                            .filter(|n| n.starts_with(&format!("{p}.")))
+                            .map(str::to_owned)
+                            .collect()
+                    })
+                    .unwrap_or_default())
+            };
+            Ok((names("queues")?, names("exchanges")?))
+        })
+        .await;
+    let (queues, exchanges) = match listed {
+        Ok(Ok(x)) => x,
+        Ok(Err(e)) => {
+            eprintln!("cleanup {prefix}: listing: {e}");
+            return;
+        }
+        Err(e) => {
+            eprintln!("cleanup {prefix}: {e}");
+            return;
+        }
+    };
+    let stop = CancellationToken::new();
+    let bus = Bus::start(
+        BusConfig {
+            url: broker.admin_url(),
+            connection_name: format!("comodit-loadtest cleanup {prefix}"),
+            ..BusConfig::default()
+        },
+        stop.clone(),
+    );
+    if let Err(e) = bus.wait_connected(Duration::from_secs(20)).await {
+        eprintln!("cleanup {prefix}: {e}");
+        stop.cancel();
+        return;
+    }
+    let (nq, ne) = (queues.len(), exchanges.len());
+    let deleted = tokio::time::timeout(Duration::from_secs(300), async {
+        // Four channels at once: a queue deletion is a broker-side transaction, and the broker
+        // has more than one core.
+        let mut deletes = tokio::task::JoinSet::new();
+        for part in queues.chunks(queues.len().div_ceil(4).max(1)) {
+            let ch = bus.channel().await?;
+            let part = part.to_vec();
+            deletes.spawn(async move {
+                for q in &part {
+                    ch.queue_delete(q.as_str().into(), Default::default())
+                        .await?;
+                }
+                let _ = ch.close(200, "cleanup done".into()).await;
+                anyhow::Ok(())
+            });
+        }
+        while let Some(r) = deletes.join_next().await {
+            r??;
+        }
+        let ch = bus.channel().await?;
+        for e in &exchanges {
+            ch.exchange_delete(
+                e.as_str().into(),
+                comodit_bus::lapin::options::ExchangeDeleteOptions::default(),
+            )
+            .await?;
+        }
+        let _ = ch.close(200, "cleanup done".into()).await;
+        anyhow::Ok(())
+    })
+    .await;
+    match deleted {
+        Ok(Ok(())) => eprintln!(
+            "cleanup {prefix}: {} users, {nq} queues, {ne} exchanges deleted in {:.1} s",
+            users.len(),
+            started.elapsed().as_secs_f64()
+        ),
+        Ok(Err(e)) => eprintln!("cleanup {prefix}: {e}"),
+        Err(_) => eprintln!("cleanup {prefix}: timed out"),
+    }
+    stop.cancel();
+}
+
+/// The names of a run.
+pub fn names(prefix: &str) -> anyhow::Result<Names> {
+    Ok(Names::new(prefix)?)
+}
+
+fn base64(input: &[u8]) -> String {
+    const T: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    let mut out = String::new();
+    for chunk in input.chunks(3) {
+        let b = [
+            chunk[0],
+            *chunk.get(1).unwrap_or(&0),
+            *chunk.get(2).unwrap_or(&0),
+        ];
+        let n = (u32::from(b[0]) << 16) | (u32::from(b[1]) << 8) | u32::from(b[2]);
+        for i in 0..4 {
+            if i <= chunk.len() {
+                out.push(T[(n >> (18 - 6 * i) & 63) as usize] as char);
+            } else {
+                out.push('=');
+            }
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn metrics_are_summed_over_labels() {
+        let text = "# HELP x\ncomodit_node_host_actors 12\ncomodit_node_host_actors_other 5\n\
+                    comodit_node_replies_total{status=\"ok\"} 3\ncomodit_node_replies_total{status=\"failed\"} 2\n";
+        assert_eq!(parse_metric(text, "comodit_node_host_actors"), 12.0);
+        assert_eq!(parse_metric(text, "comodit_node_replies_total"), 5.0);
+        assert_eq!(parse_metric(text, "missing"), 0.0);
+    }
+
+    #[test]
+    fn base64_pads() {
+        assert_eq!(base64(b"guest:guest"), "Z3Vlc3Q6Z3Vlc3Q=");
+        assert_eq!(base64(b"ab"), "YWI=");
+    }
+}

@@ -1,0 +1,243 @@
+//! Small versions of every scenario (200 simulated hosts, seconds long) against the real broker
+//! and real `comodit-node` processes: each must end by itself, write its report, and count every
+//! host. Speed is never asserted here; the figures are for docs/performance.md.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+const HOSTS: usize = 200;
+/// A small run takes seconds; this bounds a stuck one.
+const DEADLINE: Duration = Duration::from_secs(150);
+
+/// `target/<profile>`, where cargo put the workspace's binaries.
+fn bin_dir() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_comodit-loadtest"))
+        .parent()
+        .expect("target dir")
+        .to_owned()
+}
+
+/// Runs `comodit-loadtest <args> --hosts 200 --out <tmp>` and returns its report.
+fn run(args: &[&str]) -> (Value, tempfile::TempDir) {
+    let node = bin_dir().join("comodit-node");
+    assert!(
+        node.exists(),
+        "{} is missing: run the tests with `cargo test --workspace` so every binary is built",
+        node.display()
+    );
+    let out = tempfile::tempdir().unwrap();
+    let log = out.path().join("loadtest.log");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_comodit-loadtest"))
+        .args(args)
+        .args(["--hosts", &HOSTS.to_string(), "--hosts-per-conn", "64"])
+        .arg("--out")
+        .arg(out.path())
+        .arg("--node-bin")
+        .arg(&node)
+        .args(["--n-shards", "4", "--deadline-s", "120"])
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .expect("comodit-loadtest starts");
+    let until = Instant::now() + DEADLINE;
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        if Instant::now() > until {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("{args:?} did not end within {DEADLINE:?}:\n{}", read(&log));
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert!(
+        status.success(),
+        "{args:?} failed ({status}):\n{}",
+        read(&log)
+    );
+    let report: Value = serde_json::from_slice(
+        &std::fs::read(out.path().join("report.json")).expect("report.json written"),
+    )
+    .expect("report.json is JSON");
+    check_structure(&report, out.path());
+    (report, out)
+}
+
+fn read(p: &Path) -> String {
+    std::fs::read_to_string(p).unwrap_or_default()
+}
+
+/// What every report has: its scenario, the machine, figures, counts, Markdown and the plots it
+/// names.
+fn check_structure(r: &Value, dir: &Path) {
+    assert!(r["scenario"].is_string(), "{r}");
+    assert_eq!(
+        r["machine"]["cpus"].as_u64().map(|n| n > 0),
+        Some(true),
+        "{r}"
+    );
+    assert!(r["machine"]["rabbitmq"].is_string(), "{}", r["machine"]);
+    assert!(!r["figures"].as_array().unwrap().is_empty(), "no figures");
+    assert_eq!(r["counts"]["expected"], HOSTS, "{}", r["counts"]);
+    assert!(!r["samples"].as_array().unwrap().is_empty(), "no samples");
+    let md = read(&dir.join("report.md"));
+    assert!(md.contains("## Figures"), "{md}");
+    for p in r["plots"].as_array().unwrap() {
+        let file = p["file"].as_str().unwrap();
+        let svg = read(&dir.join(file));
+        assert!(svg.starts_with("<svg") && svg.contains("</svg>"), "{file}");
+        assert!(md.contains(file), "report.md does not show {file}");
+    }
+    assert!(
+        !md.contains("FAILED"),
+        "the report says the run failed:\n{md}"
+    );
+}
+
+fn figure<'a>(r: &'a Value, name: &str) -> &'a Value {
+    r["figures"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|f| f["name"].as_str().is_some_and(|n| n.starts_with(name)))
+        .unwrap_or_else(|| panic!("no figure {name:?} in {}", r["figures"]))
+}
+
+fn wave<'a>(r: &'a Value, name: &str) -> &'a Value {
+    r["waves"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|w| w["name"] == name)
+        .unwrap_or_else(|| panic!("no wave {name:?} in {}", r["waves"]))
+}
+
+#[test]
+fn bare_counts_every_host_in_unicast_and_broadcast() {
+    let (r, _dir) = run(&["bare"]);
+    assert_eq!(r["counts"]["counted"], HOSTS);
+    for name in ["bare_unicast", "bare_broadcast"] {
+        let w = wave(&r, name);
+        assert_eq!(w["answered"], HOSTS, "{w}");
+        assert_eq!(w["latency_ms"]["count"], HOSTS, "{w}");
+        assert!(
+            w["latency_ms"]["p99"].as_f64().unwrap() <= w["latency_ms"]["max"].as_f64().unwrap()
+        );
+    }
+    assert!(figure(&r, "broadcast: time").get("ratio").is_some());
+}
+
+#[test]
+fn enroll_counts_every_host_at_the_node() {
+    let (r, _dir) = run(&["enroll", "--enroll-rate", "400"]);
+    assert_eq!(r["counts"]["counted"], HOSTS, "{}", r["counts"]);
+    assert_eq!(
+        r["counts"]["node_enroll_total"], HOSTS as f64,
+        "{}",
+        r["counts"]
+    );
+    let f = figure(&r, "enrollment rate");
+    assert!(f["value"].as_f64().unwrap() > 0.0);
+    assert!(
+        f["bare"].as_f64().is_some(),
+        "no bare figure beside it: {f}"
+    );
+    // Paced at 400/s, 200 hosts cannot take less than half a second.
+    let phase = &r["phases"][0];
+    assert!(phase["elapsed_s"].as_f64().unwrap() >= 0.49, "{phase}");
+}
+
+#[test]
+fn apply_answers_every_host_through_the_api_and_counts_injected_failures() {
+    let (r, _dir) = run(&["apply", "--fail-fraction", "0.1"]);
+    let c = &r["counts"];
+    assert_eq!(c["counted"], HOSTS, "{c}");
+    assert_eq!(c["unanswered"], 0, "{c}");
+    assert_eq!(c["hosts_that_replied"], HOSTS, "{c}");
+    let failed = c["failed"].as_u64().unwrap();
+    // 10 % of 200 fail on purpose; that they come back as failures shows the path is counted.
+    assert!(failed > 0 && failed < 100, "{c}");
+    assert_eq!(
+        c["answered_ok"].as_u64().unwrap() + failed,
+        HOSTS as u64,
+        "{c}"
+    );
+    let f = figure(&r, "time until the last host answered");
+    assert!(f["ratio"].as_f64().is_some(), "{f}");
+    assert_eq!(wave(&r, "api_apply")["answered"], HOSTS);
+    assert_eq!(wave(&r, "bare_unicast")["answered"], HOSTS);
+}
+
+#[test]
+fn run_answers_every_host_through_the_api() {
+    let (r, _dir) = run(&["run", "--slow-fraction", "0.05", "--slow-ms", "200"]);
+    let c = &r["counts"];
+    assert_eq!(c["counted"], HOSTS, "{c}");
+    assert_eq!(c["answered_ok"], HOSTS, "{c}");
+    assert_eq!(c["duplicated_commands"], 0, "{c}");
+    // A 200 ms slow answer is in the tail.
+    let max = wave(&r, "api_run")["latency_ms"]["max"].as_f64().unwrap();
+    assert!(max >= 200.0, "max {max} ms");
+}
+
+#[test]
+fn steady_measures_both_liveness_modes_over_the_whole_fleet() {
+    let (r, _dir) = run(&[
+        "steady",
+        "--duration-s",
+        "3",
+        "--steps",
+        "2",
+        "--heartbeat-s",
+        "1",
+    ]);
+    let c = &r["counts"];
+    assert_eq!(c["counted"], HOSTS, "{c}");
+    assert!(
+        c["node_host_actors"].as_f64().unwrap() >= HOSTS as f64,
+        "{c}"
+    );
+    let phases = r["phases"].as_array().unwrap();
+    let routed = phases
+        .iter()
+        .find(|p| p["phase"] == "routed heartbeats")
+        .unwrap();
+    let quiet = phases
+        .iter()
+        .find(|p| p["phase"] == "connection-level liveness only")
+        .unwrap();
+    // 200 hosts beating every second (± 20 %): far more than nothing.
+    assert!(
+        routed["heartbeats_per_s"].as_f64().unwrap() > 50.0,
+        "{routed}"
+    );
+    // Only the few already in flight when the period was set to 0.
+    assert!(
+        quiet["heartbeats_per_s"].as_f64().unwrap() < 10.0,
+        "{quiet}"
+    );
+    figure(&r, "node memory per idle host");
+    let plots: Vec<&str> = r["plots"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|p| p["file"].as_str())
+        .collect();
+    assert!(plots.contains(&"memory-over-fleet.svg"), "{plots:?}");
+}
+
+#[test]
+fn failover_counts_every_host_after_a_member_is_killed() {
+    let (pg, _db) = comodit_testkit::fresh_pg_database();
+    let (r, _dir) = run(&["failover", "--postgres-url", &pg, "--kill-after", "0.3"]);
+    let c = &r["counts"];
+    assert_eq!(c["counted"], HOSTS, "{c}");
+    assert_eq!(c["unanswered"], 0, "{c}");
+    assert!(c["duplicated"].is_u64(), "{c}");
+    let f = figure(&r, "from the kill until the last host answered");
+    assert!(f["value"].as_f64().unwrap() >= 0.0, "{f}");
+}
