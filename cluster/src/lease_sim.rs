@@ -128,6 +128,8 @@ pub struct LeaseSimReport {
 #[derive(Default)]
 struct Mailbox {
     out: Vec<Message>,
+    /// Peers the driver removed from its transport: what it sends them is lost.
+    removed: BTreeSet<NodeId>,
 }
 
 #[derive(Clone, Default)]
@@ -135,10 +137,17 @@ struct SimOutbox(Rc<RefCell<Mailbox>>);
 
 impl Outbox for SimOutbox {
     fn send(&self, msg: Message) {
-        self.0.borrow_mut().out.push(msg);
+        let mut mb = self.0.borrow_mut();
+        if !mb.removed.contains(&msg.to) {
+            mb.out.push(msg);
+        }
     }
-    fn set_peer(&self, _id: NodeId, _addr: SocketAddr) {}
-    fn remove_peer(&self, _id: NodeId) {}
+    fn set_peer(&self, id: NodeId, _addr: SocketAddr) {
+        self.0.borrow_mut().removed.remove(&id);
+    }
+    fn remove_peer(&self, id: NodeId) {
+        self.0.borrow_mut().removed.insert(id);
+    }
 }
 
 struct SimNode {

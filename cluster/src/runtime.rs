@@ -919,16 +919,18 @@ impl<S: crate::raft_node::LogStore, O: Outbox> Driver<S, O> {
                     state: n.state,
                 })
                 .collect();
-            // The node table is where members learn each other's addresses.
-            for (id, n) in &state.nodes {
-                if *id == self.cfg.id {
-                    continue;
-                }
-                match (n.state, n.addr.parse::<SocketAddr>()) {
-                    (NodeState::Left, _) => self.transport.remove_peer(*id),
-                    (_, Ok(addr)) => self.transport.set_peer(*id, addr),
-                    (_, Err(_)) => {}
-                }
+        }
+        // The node table is where members learn each other's addresses. A node that left keeps
+        // its link until Raft removed it from the configuration: it must still hear that it left.
+        for (id, n) in &state.nodes {
+            if *id == self.cfg.id {
+                continue;
+            }
+            let in_conf = v.voters.contains(id) || v.learners.contains(id);
+            match (n.state, n.addr.parse::<SocketAddr>()) {
+                (NodeState::Left, _) if !in_conf => self.transport.remove_peer(*id),
+                (_, Ok(addr)) => self.transport.set_peer(*id, addr),
+                (_, Err(_)) => {}
             }
         }
         let now_view = (
