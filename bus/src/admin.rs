@@ -145,7 +145,7 @@ impl BrokerAdmin {
                 base: base.to_owned(),
                 vhost_path: encode(vhost),
                 vhost: vhost.to_owned(),
-                authorization: format!("Basic {}", base64(format!("{user}:{password}").as_bytes())),
+                authorization: basic_auth(user, password),
                 user: user.to_owned(),
                 http,
             }),
@@ -583,6 +583,11 @@ fn regex_escape(s: &str) -> String {
         out.push(c);
     }
     out
+}
+
+/// The `Authorization` header value of HTTP basic authentication (RFC 7617).
+pub fn basic_auth(user: &str, password: &str) -> String {
+    format!("Basic {}", base64(format!("{user}:{password}").as_bytes()))
 }
 
 fn base64(input: &[u8]) -> String {

@@ -27,7 +27,7 @@ use crate::lease::{HeldLease, LeaseConfig};
 use crate::raft_node::{discard_logger, MemLogStore, RaftNode, RaftNodeConfig};
 use crate::runtime::{ClusterConfig, Driver, Outbox, Shared};
 use crate::state::NodeState;
-use crate::transport::{JoinReply, JoinRequest};
+use crate::transport::JoinRequest;
 use crate::NodeId;
 
 /// Knobs of one schedule. Probabilities are per mille, per round.
@@ -290,7 +290,7 @@ impl Sim {
             for (shard, _) in n.shared.owned_at(now) {
                 owners.entry(shard).or_default().push(*id);
             }
-            let table: Vec<u64> = n.driver_view_epochs();
+            let table: Vec<u64> = n.shared.table_epochs();
             let seen = self.epochs.entry(*id).or_default();
             if seen.len() == table.len() {
                 let went_back = seen
@@ -403,13 +403,13 @@ impl Sim {
         let Some(via) = via else { return };
         let mut reply = None;
         self.with_node(via, |d| {
-            reply = Some(d.join_answer(&JoinRequest {
+            reply = Some(d.admit(&JoinRequest {
                 id,
                 addr: addr(id).to_string(),
             }));
             let _ = d.round(false);
         });
-        if matches!(reply, Some(JoinReply::Accepted { .. })) {
+        if matches!(reply, Some(Ok(_))) {
             self.clocks.insert(
                 id,
                 Clock {
@@ -440,7 +440,7 @@ impl Sim {
             let via = (1..=self.cfg.founders).find(|i| matches!(self.nodes.get(i), Some(Some(_))));
             if let Some(via) = via {
                 self.with_node(via, |d| {
-                    let _ = d.join_answer(&JoinRequest {
+                    let _ = d.admit(&JoinRequest {
                         id,
                         addr: addr(id).to_string(),
                     });
@@ -463,12 +463,6 @@ impl Sim {
             let _ = d.decommission(id);
             let _ = d.round(false);
         });
-    }
-}
-
-impl SimNode {
-    fn driver_view_epochs(&self) -> Vec<u64> {
-        self.shared.table_epochs()
     }
 }
 

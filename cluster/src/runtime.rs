@@ -198,7 +198,10 @@ pub enum MembershipError {
 
 /// Membership requests from outside the driver (the API).
 pub(crate) enum AdminCall {
-    AddNode(JoinRequest, oneshot::Sender<JoinReply>),
+    AddNode(
+        JoinRequest,
+        oneshot::Sender<Result<Vec<(NodeId, String)>, MembershipError>>,
+    ),
     Decommission(NodeId, oneshot::Sender<Result<(), MembershipError>>),
 }
 
@@ -393,18 +396,16 @@ impl ClusterNode {
 
     /// Add node `id` whose transport listens at `addr` (what a join request does; the node itself
     /// must run with `join` set to learn the members). Answers once proposed, not once applied.
-    pub async fn add_node(&self, id: NodeId, addr: String) -> Result<JoinReply, MembershipError> {
+    /// Answers the members' addresses `(id, addr)`.
+    pub async fn add_node(
+        &self,
+        id: NodeId,
+        addr: String,
+    ) -> Result<Vec<(NodeId, String)>, MembershipError> {
         let (tx, rx) = oneshot::channel();
         self.call(AdminCall::AddNode(JoinRequest { id, addr }, tx))
             .await?;
-        let reply = rx.await.map_err(|_| stopped())?;
-        match reply {
-            JoinReply::Refused(why) if why.starts_with(RETRY_MARK) => Err(
-                MembershipError::Unavailable(why.trim_start_matches(RETRY_MARK).to_owned()),
-            ),
-            JoinReply::Refused(why) => Err(MembershipError::Invalid(why)),
-            accepted => Ok(accepted),
-        }
+        rx.await.map_err(|_| stopped())?
     }
 
     /// Start the graceful removal of node `id` (see the module doc). Answers once proposed; the
@@ -457,9 +458,6 @@ impl ClusterNode {
 fn stopped() -> MembershipError {
     MembershipError::Unavailable("the cluster node is stopping".into())
 }
-
-/// Prefix of a [`JoinReply::Refused`] reason that means "try again later".
-const RETRY_MARK: &str = "retry: ";
 
 /// A joiner's loop: ask the contacts until this node shows in its own node table.
 async fn ask_to_join(
@@ -658,14 +656,18 @@ impl Driver {
                 },
                 Some((req, reply)) = joins.recv() => {
                     self.now = self.shared.now_ms();
-                    let _ = reply.send(self.join_answer(&req));
+                    let answer = match self.admit(&req) {
+                        Ok(members) => JoinReply::Accepted { members },
+                        Err(e) => JoinReply::Refused(e.to_string()),
+                    };
+                    let _ = reply.send(answer);
                     false
                 }
                 Some(call) = admin.recv() => {
                     self.now = self.shared.now_ms();
                     match call {
                         AdminCall::AddNode(req, reply) => {
-                            let _ = reply.send(self.join_answer(&req));
+                            let _ = reply.send(self.admit(&req));
                         }
                         AdminCall::Decommission(id, reply) => {
                             let _ = reply.send(self.decommission(id));
@@ -717,9 +719,13 @@ impl<S: crate::raft_node::LogStore, O: Outbox> Driver<S, O> {
     }
 
     /// Admit node `req.id` at `req.addr` (a join request, or the API): propose it to the node table
-    /// unless it is there already, and answer with the members' addresses.
-    pub(crate) fn join_answer(&mut self, req: &JoinRequest) -> JoinReply {
-        let refuse = |why: String| JoinReply::Refused(why);
+    /// unless it is there already, and answer with the members' addresses `(id, addr)`.
+    pub(crate) fn admit(
+        &mut self,
+        req: &JoinRequest,
+    ) -> Result<Vec<(NodeId, String)>, MembershipError> {
+        let refuse = |why: String| Err(MembershipError::Invalid(why));
+        let retry = |why: String| Err(MembershipError::Unavailable(why));
         if req.id == 0 {
             return refuse("node id 0 is reserved".into());
         }
@@ -742,18 +748,18 @@ impl<S: crate::raft_node::LogStore, O: Outbox> Driver<S, O> {
             }
             Some(_) => {}
             None if req.id == self.cfg.id => {
-                return refuse(format!("{RETRY_MARK}node {} is not a member yet", req.id))
+                return retry(format!("node {} is not a member yet", req.id))
             }
             None => {
                 if state.n_shards == 0 || self.node.leader().is_none() {
-                    return refuse(format!("{RETRY_MARK}the cluster has no leader yet"));
+                    return retry("the cluster has no leader yet".into());
                 }
                 let cmd = Command::AddNode {
                     id: req.id,
                     addr: req.addr.clone(),
                 };
                 if let Err(e) = self.propose_anywhere(&cmd) {
-                    return refuse(format!("{RETRY_MARK}not proposed: {e}"));
+                    return retry(format!("not proposed: {e}"));
                 }
                 info!(node = self.cfg.id, joiner = req.id, addr = %req.addr, "node admission proposed");
             }
@@ -775,9 +781,7 @@ impl<S: crate::raft_node::LogStore, O: Outbox> Driver<S, O> {
             }
         }
         members.insert(self.cfg.id, self.cfg.listen.to_string());
-        JoinReply::Accepted {
-            members: members.into_iter().collect(),
-        }
+        Ok(members.into_iter().collect())
     }
 
     /// Mark `id` as leaving (see the module doc, "Decommission").

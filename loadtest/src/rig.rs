@@ -48,10 +48,7 @@ impl Broker {
             .timeout_global(Some(Duration::from_secs(30)))
             .build()
             .into();
-        let auth = format!(
-            "Basic {}",
-            base64(format!("{}:{}", self.user, self.password).as_bytes())
-        );
+        let auth = comodit_bus::admin::basic_auth(&self.user, &self.password);
         let mut r = http
             .get(format!("{}{path}", self.mgmt.trim_end_matches('/')))
             .header("Authorization", &auth)
@@ -447,27 +444,6 @@ pub fn names(prefix: &str) -> anyhow::Result<Names> {
     Ok(Names::new(prefix)?)
 }
 
-fn base64(input: &[u8]) -> String {
-    const T: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
-    let mut out = String::new();
-    for chunk in input.chunks(3) {
-        let b = [
-            chunk[0],
-            *chunk.get(1).unwrap_or(&0),
-            *chunk.get(2).unwrap_or(&0),
-        ];
-        let n = (u32::from(b[0]) << 16) | (u32::from(b[1]) << 8) | u32::from(b[2]);
-        for i in 0..4 {
-            if i <= chunk.len() {
-                out.push(T[(n >> (18 - 6 * i) & 63) as usize] as char);
-            } else {
-                out.push('=');
-            }
-        }
-    }
-    out
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -479,11 +455,5 @@ mod tests {
         assert_eq!(parse_metric(text, "comodit_node_host_actors"), 12.0);
         assert_eq!(parse_metric(text, "comodit_node_replies_total"), 5.0);
         assert_eq!(parse_metric(text, "missing"), 0.0);
-    }
-
-    #[test]
-    fn base64_pads() {
-        assert_eq!(base64(b"guest:guest"), "Z3Vlc3Q6Z3Vlc3Q=");
-        assert_eq!(base64(b"ab"), "YWI=");
     }
 }

@@ -18,7 +18,6 @@ use comodit_api::{ClusterControl, ClusterOpError};
 use comodit_cluster::lease::LeaseConfig;
 use comodit_cluster::runtime::{ClusterConfig, ClusterNode, ClusterStatus, MembershipError};
 use comodit_cluster::state::NodeState;
-use comodit_cluster::transport::JoinReply;
 use comodit_cluster::NodeId;
 use comodit_protocol::{Epoch, Shard};
 use tokio::sync::watch;
@@ -257,10 +256,7 @@ impl ClusterControl for ClusterApi {
     }
 
     async fn add_node(&self, id: u64, addr: String) -> Result<Vec<(u64, String)>, ClusterOpError> {
-        match self.0.add_node(id, addr).await.map_err(op_error)? {
-            JoinReply::Accepted { members } => Ok(members),
-            JoinReply::Refused(why) => Err(ClusterOpError::Invalid(why)),
-        }
+        self.0.add_node(id, addr).await.map_err(op_error)
     }
 
     async fn decommission(&self, id: u64) -> Result<(), ClusterOpError> {

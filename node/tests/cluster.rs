@@ -184,7 +184,7 @@ struct Load {
 impl Load {
     fn start(node: &Node, hosts: &[String], dir: &std::path::Path) -> Load {
         let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-        let (url_port, token, prefix) = (node.port, node.token.clone(), node.prefix.clone());
+        let (url_port, token) = (node.port, node.token.clone());
         let hosts_t = hosts.to_vec();
         let dir_t = dir.to_path_buf();
         let stop_t = stop.clone();
@@ -197,7 +197,6 @@ impl Load {
                 .timeout_global(Some(Duration::from_secs(30)))
                 .build()
                 .into();
-            let _ = prefix;
             let mut accepted = Vec::new();
             let mut seq = 0u64;
             while !stop_t.load(std::sync::atomic::Ordering::Relaxed) {
