@@ -150,8 +150,14 @@ impl Bus {
 
     /// The connection generation: 0 = never connected, +1 on every (re)connect, set after the
     /// `on_connect` routines ran. The agent sends `hello` on every change.
+    ///
+    /// The receiver's first `changed()` returns at once, whatever the value: a routine that acts
+    /// on every connection must also act on the one that may already be up when it subscribes
+    /// (otherwise a connection made between `Bus::start` and the subscription is never seen).
     pub fn generation(&self) -> watch::Receiver<u64> {
-        self.shared.generation.subscribe()
+        let mut rx = self.shared.generation.subscribe();
+        rx.mark_changed();
+        rx
     }
 
     /// Registers a routine run on every (re)connect, on a fresh channel, before the connection

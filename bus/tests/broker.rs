@@ -236,6 +236,20 @@ async fn published_messages_arrive_with_their_properties_and_unbound_keys_are_un
         1,
         "channel errors keep the connection"
     );
+
+    // A routine that subscribes once the connection is up still sees that connection.
+    let mut late = bus.generation();
+    tokio::time::timeout(Duration::from_secs(1), late.changed())
+        .await
+        .expect("a late subscriber's first change is the current connection")
+        .unwrap();
+    assert_eq!(*late.borrow_and_update(), 1);
+    assert!(
+        tokio::time::timeout(Duration::from_millis(200), late.changed())
+            .await
+            .is_err(),
+        "no second change without a reconnect"
+    );
     shutdown.cancel();
 }
 
