@@ -192,6 +192,54 @@ impl BrokerAdmin {
         Ok(())
     }
 
+    /// [`BrokerAdmin::create_agent_user`] for many hosts in one call: a single
+    /// `POST /api/definitions` carrying every user (password, no tags), its vhost permissions
+    /// and its topic permissions. One import costs the broker far more than one small call, but
+    /// a few hundred users per import cost far less than three calls each (docs/performance.md):
+    /// this is how the node creates users when many hosts enroll at once. Idempotent; the import
+    /// is not atomic, so on any error some users may exist: delete them or call again.
+    pub async fn create_agent_users(
+        &self,
+        names: &Names,
+        hosts: &[(HostId, &str)],
+    ) -> Result<(), AdminError> {
+        if hosts.is_empty() {
+            return Ok(());
+        }
+        let vhost = &self.inner.vhost;
+        let mut users = Vec::with_capacity(hosts.len());
+        let mut permissions = Vec::with_capacity(hosts.len());
+        let mut topic_permissions = Vec::with_capacity(hosts.len());
+        for (host, password) in hosts {
+            if password.is_empty() {
+                return Err(invalid("password", "empty"));
+            }
+            let user = host.to_string();
+            let perms = names.agent_permissions(*host);
+            users.push(json!({ "name": user, "password": password, "tags": "" }));
+            permissions.push(json!({
+                "user": user, "vhost": vhost,
+                "configure": perms.configure, "write": perms.write, "read": perms.read,
+            }));
+            topic_permissions.push(json!({
+                "user": user, "vhost": vhost, "exchange": perms.topic_exchange,
+                "write": perms.topic_write, "read": perms.topic_read,
+            }));
+        }
+        self.call(
+            "POST",
+            "/api/definitions".into(),
+            Some(json!({
+                "users": users,
+                "permissions": permissions,
+                "topic_permissions": topic_permissions,
+            })),
+        )
+        .await?;
+        info!(users = hosts.len(), "broker users created in one import");
+        Ok(())
+    }
+
     /// Replaces the password of an existing user, keeping its tags and permissions. Refused
     /// (404) if there is no such user. Live connections stay open: close them with
     /// [`BrokerAdmin::close_connections`].

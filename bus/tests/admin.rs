@@ -106,26 +106,62 @@ fn signed(kind: &str, user: &str) -> OutMessage {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_agent_user_is_held_to_its_own_queue_and_keys_and_deleting_it_cuts_it_off() {
+    agent_user_is_held_to_its_own(false).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn agent_users_created_in_one_import_are_held_like_one_created_alone() {
+    agent_user_is_held_to_its_own(true).await;
+}
+
+/// Creates `host`'s user alone (three calls) or in one definitions import with two more hosts,
+/// then checks everything that user may and may not do.
+async fn agent_user_is_held_to_its_own(batched: bool) {
     common::init_logs();
     let names = kit::unique_names();
     let (host, other) = (HostId::random(), HostId::random());
+    let third = HostId::random();
     let _cleanup = kit::Cleanup {
         prefix: names.prefix().to_owned(),
-        users: vec![host.to_string()],
+        users: vec![host.to_string(), other.to_string(), third.to_string()],
     };
     let admin = admin();
     let shutdown = CancellationToken::new();
     let node = node_bus(&names, &[host, other], &shutdown).await;
     let password = "pw-".to_owned() + &HostId::random().to_string();
-    admin
-        .create_agent_user(&names, host, &password)
-        .await
-        .unwrap();
-    // Idempotent: the same call again changes nothing and succeeds.
-    admin
-        .create_agent_user(&names, host, &password)
-        .await
-        .unwrap();
+    let other_password = "pw-".to_owned() + &HostId::random().to_string();
+    // Twice: idempotent, the same call again changes nothing and succeeds.
+    for _ in 0..2 {
+        if batched {
+            admin
+                .create_agent_users(
+                    &names,
+                    &[
+                        (other, other_password.as_str()),
+                        (host, password.as_str()),
+                        (third, "third"),
+                    ],
+                )
+                .await
+                .unwrap();
+        } else {
+            admin
+                .create_agent_user(&names, host, &password)
+                .await
+                .unwrap();
+        }
+    }
+    if batched {
+        // Each user got its own password, not its neighbour's.
+        assert!(login(&other.to_string(), &other_password).await.is_ok());
+        assert!(login(&other.to_string(), &password).await.is_err());
+        assert!(login(&third.to_string(), "third").await.is_ok());
+        let empty = admin.create_agent_users(&names, &[(third, "")]).await;
+        assert!(
+            matches!(empty, Err(AdminError::Invalid { .. })),
+            "{empty:?}"
+        );
+    }
 
     let agent = start(
         kit::amqp_url_for(&host.to_string(), &password),

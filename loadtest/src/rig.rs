@@ -333,11 +333,22 @@ pub fn parse_metric(text: &str, name: &str) -> f64 {
 /// Deletes what a run created on the broker: its users (the per-host users the node made at
 /// enrollment, the enrollment and fleet users) and every queue and exchange under its prefix.
 /// Best effort and bounded: what fails is printed, never raised.
+///
+/// Users are also found by their permissions, which name the prefix: a run interrupted during
+/// enrollment does not know every host the node enrolled (its replies were lost with the
+/// interruption), so `users` alone would leave them behind. Queues and exchanges are listed again
+/// after a pass, because a node still finishing its last requests may have made more meanwhile.
 pub async fn cleanup(broker: &Broker, prefix: &str, users: Vec<String>) {
     if prefix.is_empty() {
         return;
     }
     let started = Instant::now();
+    let mut users: std::collections::BTreeSet<String> = users.into_iter().collect();
+    match list_prefixed(broker, prefix).await {
+        Ok(listed) => users.extend(listed.users),
+        Err(e) => eprintln!("cleanup {prefix}: listing users: {e:#}"),
+    }
+    let users: Vec<String> = users.into_iter().collect();
     if let Ok(admin) = broker.admin() {
         for chunk in users.chunks(5000) {
             // The bulk call refuses the whole list if one user does not exist (a run that
@@ -351,36 +362,6 @@ pub async fn cleanup(broker: &Broker, prefix: &str, users: Vec<String>) {
             }
         }
     }
-    let b = broker.clone();
-    let p = prefix.to_owned();
-    let listed =
-        tokio::task::spawn_blocking(move || -> anyhow::Result<(Vec<String>, Vec<String>)> {
-            let names = |kind: &str| -> anyhow::Result<Vec<String>> {
-                let v = b.mgmt_get(&format!("/api/{kind}/%2F?columns=name"))?;
-                Ok(v.as_array()
-                    .map(|a| {
-                        a.iter()
-                            .filter_map(|i| i["name"].as_str())
-                            .filter(|n| n.starts_with(&format!("{p}.")))
-                            .map(str::to_owned)
-                            .collect()
-                    })
-                    .unwrap_or_default())
-            };
-            Ok((names("queues")?, names("exchanges")?))
-        })
-        .await;
-    let (queues, exchanges) = match listed {
-        Ok(Ok(x)) => x,
-        Ok(Err(e)) => {
-            eprintln!("cleanup {prefix}: listing: {e}");
-            return;
-        }
-        Err(e) => {
-            eprintln!("cleanup {prefix}: {e}");
-            return;
-        }
-    };
     let stop = CancellationToken::new();
     let bus = Bus::start(
         BusConfig {
@@ -395,48 +376,155 @@ pub async fn cleanup(broker: &Broker, prefix: &str, users: Vec<String>) {
         stop.cancel();
         return;
     }
-    let (nq, ne) = (queues.len(), exchanges.len());
-    let deleted = tokio::time::timeout(Duration::from_secs(300), async {
+    let (mut nq, mut ne, mut failed) = (0, 0, 0);
+    let deadline = Instant::now() + Duration::from_secs(300);
+    for pass in 0..3 {
+        let listed = match list_prefixed(broker, prefix).await {
+            Ok(listed) => listed,
+            Err(e) => {
+                eprintln!("cleanup {prefix}: listing: {e:#}");
+                break;
+            }
+        };
+        if listed.queues.is_empty() && listed.exchanges.is_empty() {
+            break;
+        }
+        if pass > 0 {
+            eprintln!(
+                "cleanup {prefix}: {} queues and {} exchanges appeared meanwhile",
+                listed.queues.len(),
+                listed.exchanges.len()
+            );
+        }
+        nq += listed.queues.len();
+        ne += listed.exchanges.len();
         // Four channels at once: a queue deletion is a broker-side transaction, and the broker
         // has more than one core.
         let mut deletes = tokio::task::JoinSet::new();
-        for part in queues.chunks(queues.len().div_ceil(4).max(1)) {
-            let ch = bus.channel().await?;
-            let part = part.to_vec();
-            deletes.spawn(async move {
-                for q in &part {
-                    ch.queue_delete(q.as_str().into(), Default::default())
-                        .await?;
-                }
-                let _ = ch.close(200, "cleanup done".into()).await;
-                anyhow::Ok(())
-            });
+        for part in listed.queues.chunks(listed.queues.len().div_ceil(4).max(1)) {
+            deletes.spawn(delete_each(bus.clone(), part.to_vec(), Kind::Queue));
         }
-        while let Some(r) = deletes.join_next().await {
-            r??;
+        deletes.spawn(delete_each(bus.clone(), listed.exchanges, Kind::Exchange));
+        let joined = tokio::time::timeout_at(deadline.into(), async {
+            let mut failed = 0;
+            while let Some(r) = deletes.join_next().await {
+                failed += r.unwrap_or(1);
+            }
+            failed
+        })
+        .await;
+        match joined {
+            Ok(n) => failed += n,
+            Err(_) => {
+                eprintln!("cleanup {prefix}: timed out");
+                break;
+            }
         }
-        let ch = bus.channel().await?;
-        for e in &exchanges {
-            ch.exchange_delete(
-                e.as_str().into(),
-                comodit_bus::lapin::options::ExchangeDeleteOptions::default(),
-            )
-            .await?;
-        }
-        let _ = ch.close(200, "cleanup done".into()).await;
-        anyhow::Ok(())
-    })
-    .await;
-    match deleted {
-        Ok(Ok(())) => eprintln!(
-            "cleanup {prefix}: {} users, {nq} queues, {ne} exchanges deleted in {:.1} s",
-            users.len(),
-            started.elapsed().as_secs_f64()
-        ),
-        Ok(Err(e)) => eprintln!("cleanup {prefix}: {e}"),
-        Err(_) => eprintln!("cleanup {prefix}: timed out"),
+        tokio::time::sleep(Duration::from_millis(500)).await;
     }
+    eprintln!(
+        "cleanup {prefix}: {} users, {nq} queues, {ne} exchanges deleted in {:.1} s{}",
+        users.len(),
+        started.elapsed().as_secs_f64(),
+        if failed > 0 {
+            format!(", {failed} deletions FAILED")
+        } else {
+            String::new()
+        }
+    );
     stop.cancel();
+}
+
+#[derive(Clone, Copy)]
+enum Kind {
+    Queue,
+    Exchange,
+}
+
+/// Deletes each named object on one channel, opening another after a refusal (which closes the
+/// channel). Returns how many deletions failed; one failure does not stop the rest.
+async fn delete_each(bus: Bus, names: Vec<String>, kind: Kind) -> usize {
+    let mut failed = 0;
+    let mut channel: Option<comodit_bus::lapin::Channel> = None;
+    for name in &names {
+        if channel.as_ref().is_none_or(|ch| !ch.status().connected()) {
+            channel = bus.channel().await.ok();
+        }
+        let Some(ch) = channel.as_ref() else {
+            failed += 1;
+            continue;
+        };
+        let r = match kind {
+            Kind::Queue => ch
+                .queue_delete(name.as_str().into(), Default::default())
+                .await
+                .map(|_| ()),
+            Kind::Exchange => {
+                ch.exchange_delete(name.as_str().into(), Default::default())
+                    .await
+            }
+        };
+        if let Err(e) = r {
+            failed += 1;
+            eprintln!("cleanup: deleting {name}: {e}");
+        }
+    }
+    if let Some(ch) = channel.filter(|ch| ch.status().connected()) {
+        let _ = ch.close(200, "cleanup done".into()).await;
+    }
+    failed
+}
+
+/// What the broker holds under a run's prefix.
+struct Prefixed {
+    queues: Vec<String>,
+    exchanges: Vec<String>,
+    /// Users whose permissions name the prefix (the node's per-host users, the run's own users).
+    users: Vec<String>,
+}
+
+async fn list_prefixed(broker: &Broker, prefix: &str) -> anyhow::Result<Prefixed> {
+    let b = broker.clone();
+    let p = format!("{prefix}.");
+    tokio::task::spawn_blocking(move || -> anyhow::Result<Prefixed> {
+        let names = |kind: &str| -> anyhow::Result<Vec<String>> {
+            let v = b.mgmt_get(&format!("/api/{kind}/%2F?columns=name"))?;
+            Ok(v.as_array()
+                .map(|a| {
+                    a.iter()
+                        .filter_map(|i| i["name"].as_str())
+                        .filter(|n| n.starts_with(&p))
+                        .map(str::to_owned)
+                        .collect()
+                })
+                .unwrap_or_default())
+        };
+        // Permission patterns escape the dot: `<prefix>\.agent\.<id>`.
+        let escaped = format!("{}\\.", p.trim_end_matches('.'));
+        let perms = b.mgmt_get("/api/permissions")?;
+        let users = perms
+            .as_array()
+            .map(|a| {
+                a.iter()
+                    .filter(|i| {
+                        ["configure", "write", "read"].iter().any(|k| {
+                            i[*k]
+                                .as_str()
+                                .is_some_and(|r| r.contains(&escaped) || r.contains(&p))
+                        })
+                    })
+                    .filter_map(|i| i["user"].as_str())
+                    .map(str::to_owned)
+                    .collect()
+            })
+            .unwrap_or_default();
+        Ok(Prefixed {
+            queues: names("queues")?,
+            exchanges: names("exchanges")?,
+            users,
+        })
+    })
+    .await?
 }
 
 /// The names of a run.

@@ -51,16 +51,20 @@ use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, info_span, warn, Instrument};
 
+use crate::enroll_batch::BrokerBatcher;
+
 /// `hex(sha256(secret))`: how the API stores enrollment tokens, and so how they are looked up.
 pub use comodit_api::hash_token;
 
 /// Largest enrollment request accepted, in bytes: facts and a token fit in a few kilobytes.
 pub const MAX_REQUEST_BYTES: usize = 64 * 1024;
-/// Requests processed at once (each makes a few store writes and management API calls). Most of
-/// a request's time is spent waiting for the broker's management API, so more than a few run at
-/// once: the loadtest measured 6,900 enrollments a minute with 8 and 8,500 with 32 (2,000 hosts,
-/// docs/performance.md).
-pub const MAX_IN_FLIGHT: usize = 32;
+/// Requests processed at once (each makes a few store writes and waits for its broker user and
+/// queue). Their broker users are created in batches of whatever requests wait together
+/// ([`crate::enroll_batch`]), so this also bounds a batch: the loadtest measured 6,900
+/// enrollments a minute with 8 and 8,500 with 32 one host at a time (docs/performance.md).
+pub const MAX_IN_FLIGHT: usize = 256;
+/// Attempts of a revocation whose broker steps fail, before the caller is told to retry.
+const REVOKE_ATTEMPTS: u32 = 3;
 /// How many recent requests the replay cache remembers, and for how long.
 pub const REPLAY_ENTRIES: usize = 4096;
 pub const REPLAY_TTL: Duration = Duration::from_secs(10 * 60);
@@ -114,6 +118,8 @@ struct Inner {
     store: Arc<dyn Store>,
     bus: Bus,
     admin: BrokerAdmin,
+    /// Creates new hosts' broker users and queues, many at a time.
+    broker: BrokerBatcher,
     names: Names,
     n_shards: u32,
     events: Option<broadcast::Sender<NodeEvent>>,
@@ -213,6 +219,7 @@ impl EnrollService {
             inner: Arc::new(Inner {
                 store,
                 bus: bus.clone(),
+                broker: BrokerBatcher::start(bus.clone(), admin.clone(), names.clone()),
                 admin,
                 names: names.clone(),
                 n_shards: cfg.n_shards,
@@ -422,15 +429,7 @@ impl EnrollService {
                 warn!(error = %e, "initial runtime not recorded");
             }
             let password = new_password();
-            let broker = async {
-                inner
-                    .admin
-                    .create_agent_user(&inner.names, id, &password)
-                    .await
-                    .map_err(|e| e.to_string())?;
-                self.declare_queue(id).await.map_err(|e| e.to_string())
-            };
-            if let Err(e) = broker.await {
+            if let Err(e) = inner.broker.create(id, &password).await {
                 warn!(error = %e, "broker credentials not created, undoing the enrollment");
                 self.undo(id).await;
                 self.audit(&id.to_string(), &format!("failed: {e}")).await;
@@ -583,7 +582,20 @@ impl HostLifecycle for EnrollService {
     async fn revoke(&self, host: HostId) -> Result<(), OpsError> {
         let span = info_span!("revoke", host_id = %host, shard = host.shard(self.inner.n_shards).0);
         async move {
-            let result = self.revoke_steps(host).await;
+            // Every step is idempotent, so a transient broker failure (e.g. the management API
+            // racing the broker's own closing of the deleted user's connections) is retried
+            // here rather than handed to the client as a 503.
+            let mut attempt = 1;
+            let result = loop {
+                match self.revoke_steps(host).await {
+                    Err(OpsError::Bus(e)) if attempt < REVOKE_ATTEMPTS => {
+                        warn!(attempt, error = %e, "revocation step failed, trying again");
+                        tokio::time::sleep(Duration::from_millis(200 * u64::from(attempt))).await;
+                        attempt += 1;
+                    }
+                    result => break result,
+                }
+            };
             let outcome = match &result {
                 Ok(()) => {
                     self.emit(NodeEvent::HostRevoked { host });

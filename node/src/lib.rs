@@ -20,6 +20,7 @@
 pub mod cluster;
 pub mod config;
 pub mod enroll;
+mod enroll_batch;
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;

@@ -269,6 +269,10 @@ impl Node {
 
 impl Drop for Node {
     fn drop(&mut self) {
+        if std::thread::panicking() {
+            // What the node said is what explains most failures (CI keeps only the output).
+            eprintln!("node log (tail) of the failed test:\n{}", tail(&self.log()));
+        }
         self.stop();
         comodit_testkit::cleanup_prefix(&self.prefix);
     }
