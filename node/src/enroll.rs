@@ -357,6 +357,25 @@ impl EnrollService {
                 return (rejected(RETRY_LATER), Outcome::Failed);
             }
         };
+        let (reply, outcome) = self.enroll_with(req, &token).await;
+        // A token's uses count the hosts it enrolled: a request that enrolled nothing (failed
+        // on the node's side, or refused) gives its use back, so the agent's retries after a
+        // failure do not find the token used up.
+        if !matches!(outcome, Outcome::Enrolled | Outcome::Reenrolled) {
+            if let Err(e) = store.release_enrollment_token_use(token.id).await {
+                warn!(token = %token.id, error = %e, "enrollment token use not given back");
+            }
+        }
+        (reply, outcome)
+    }
+
+    /// What follows a counted use of `token`.
+    async fn enroll_with(
+        &self,
+        req: EnrollRequest,
+        token: &EnrollmentToken,
+    ) -> (EnrollReply, Outcome) {
+        let store = &self.inner.store;
         if let Some(id) = req.host {
             match store.get_host(id).await {
                 Ok(Some(host)) if host.env != token.env || host.org != token.org => {
@@ -379,7 +398,7 @@ impl EnrollService {
                         Outcome::AlreadyEnrolled,
                     );
                 }
-                Ok(Some(host)) => return self.reenroll(host, &token).await,
+                Ok(Some(host)) => return self.reenroll(host, token).await,
                 // Unknown (e.g. revoked): enrolled anew, under a new id.
                 Ok(None) => {}
                 Err(e) => {
@@ -388,7 +407,7 @@ impl EnrollService {
                 }
             }
         }
-        self.enroll_new(req.facts, &token).await
+        self.enroll_new(req.facts, token).await
     }
 
     async fn enroll_new(&self, facts: Facts, token: &EnrollmentToken) -> (EnrollReply, Outcome) {

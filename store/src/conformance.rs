@@ -1687,6 +1687,41 @@ pub async fn enrollment_token_use_limits(store: &dyn Store) {
         2,
         "a refused use is not counted"
     );
+    // A use given back (the enrollment failed on the node's side) can be used again, once.
+    store
+        .release_enrollment_token_use(limited.id)
+        .await
+        .unwrap();
+    assert_eq!(
+        store
+            .use_enrollment_token(&sha256_hex("limited"), t0)
+            .await
+            .unwrap()
+            .uses,
+        2
+    );
+    assert_err!(
+        store.use_enrollment_token(&sha256_hex("limited"), t0).await,
+        StoreError::TokenUnusable(_)
+    );
+    let mut unused = enrollment_token(&prod, "unused");
+    unused.max_uses = Some(1);
+    store.create_enrollment_token(&unused).await.unwrap();
+    store.release_enrollment_token_use(unused.id).await.unwrap();
+    assert_eq!(
+        store
+            .get_enrollment_token(unused.id)
+            .await
+            .unwrap()
+            .unwrap()
+            .uses,
+        0,
+        "never below zero"
+    );
+    assert_err!(
+        store.release_enrollment_token_use(TokenId::random()).await,
+        StoreError::NotFound(_)
+    );
 
     let mut expiring = enrollment_token(&prod, "expiring");
     expiring.expires_at = t0 + Duration::minutes(5);

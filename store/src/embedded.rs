@@ -1507,6 +1507,18 @@ impl Store for EmbeddedStore {
         .await
     }
 
+    async fn release_enrollment_token_use(&self, id: TokenId) -> Result<()> {
+        self.write(move |txn| {
+            let mut tokens = txn.open_table(ENROLL_TOKENS)?;
+            let mut token: EnrollmentToken =
+                get_json(&tokens, "enrollment token", id.0.as_bytes())?
+                    .ok_or_else(|| StoreError::NotFound(format!("enrollment token {id}")))?;
+            token.uses = token.uses.saturating_sub(1);
+            put_json(&mut tokens, "enrollment token", id.0.as_bytes(), &token)
+        })
+        .await
+    }
+
     async fn revoke_enrollment_token(&self, id: TokenId) -> Result<()> {
         self.write(move |txn| {
             let mut tokens = txn.open_table(ENROLL_TOKENS)?;

@@ -128,6 +128,10 @@ pub trait Store: Send + Sync + 'static {
         secret_sha256: &str,
         now: DateTime<Utc>,
     ) -> Result<EnrollmentToken>;
+    /// Gives back one use counted by [`Store::use_enrollment_token`] for an enrollment that then
+    /// failed on the node's side (the agent retries, and a retry must not find the token used
+    /// up by failures). Never below zero; NotFound if no such token.
+    async fn release_enrollment_token_use(&self, id: TokenId) -> Result<()>;
     async fn revoke_enrollment_token(&self, id: TokenId) -> Result<()>;
 
     // --- API tokens ---------------------------------------------------------------------------

@@ -1246,6 +1246,21 @@ impl Store for PgStore {
         )))
     }
 
+    async fn release_enrollment_token_use(&self, id: TokenId) -> Result<()> {
+        let conn = self.conn().await?;
+        let n = conn
+            .execute(
+                "UPDATE enroll_tokens SET uses = GREATEST(uses - 1, 0) WHERE id = $1",
+                &[&id.0],
+            )
+            .await
+            .map_err(pg)?;
+        if n == 0 {
+            return Err(StoreError::NotFound(format!("enrollment token {id}")));
+        }
+        Ok(())
+    }
+
     async fn revoke_enrollment_token(&self, id: TokenId) -> Result<()> {
         let conn = self.conn().await?;
         let n = conn
