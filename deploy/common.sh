@@ -60,7 +60,6 @@ ensure_rabbitmq() {
     as_root systemctl start rabbitmq-server
   else
     # No systemd (containers, CI sandboxes): start the node directly, dropping to
-    # the rabbitmq user by itself.
     # the rabbitmq user by setpriv, which (unlike su) keeps the raised open-files limit.
     as_root mkdir -p /var/log/rabbitmq
     as_root chown rabbitmq:rabbitmq /var/log/rabbitmq

@@ -508,7 +508,12 @@ impl HostOps for Orchestrator {
                 .insert(change.id, tx);
             (wait, rx)
         });
-        self.kick(host).await;
+        // The owner's own actor needs no broker round trip (a kick is a persistent message in a
+        // quorum shard queue, as costly to the broker as the command itself; ARCHITECTURE §15).
+        match self.actor(host) {
+            Ok(addr) => addr.do_send(LocalKick),
+            Err(_) => self.kick(host).await,
+        }
         let Some((wait, rx)) = waiter else {
             return Ok(Submitted::Pending(change));
         };
