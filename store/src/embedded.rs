@@ -358,6 +358,23 @@ impl EmbeddedStore {
 
     /// Runs `f` in a write transaction (shared with the writes queued at the same moment, see
     /// [`Writer`]), durable on return; nothing of it is kept if it fails.
+    /// Changes one enrollment token in place; NotFound if there is no such token.
+    async fn update_enrollment_token(
+        &self,
+        id: TokenId,
+        change: impl Fn(&mut EnrollmentToken) + Send + 'static,
+    ) -> Result<()> {
+        self.write(move |txn| {
+            let mut tokens = txn.open_table(ENROLL_TOKENS)?;
+            let mut token: EnrollmentToken =
+                get_json(&tokens, "enrollment token", id.0.as_bytes())?
+                    .ok_or_else(|| StoreError::NotFound(format!("enrollment token {id}")))?;
+            change(&mut token);
+            put_json(&mut tokens, "enrollment token", id.0.as_bytes(), &token)
+        })
+        .await
+    }
+
     async fn write<T, F>(&self, f: F) -> Result<T>
     where
         T: Send + 'static,
@@ -1508,27 +1525,12 @@ impl Store for EmbeddedStore {
     }
 
     async fn release_enrollment_token_use(&self, id: TokenId) -> Result<()> {
-        self.write(move |txn| {
-            let mut tokens = txn.open_table(ENROLL_TOKENS)?;
-            let mut token: EnrollmentToken =
-                get_json(&tokens, "enrollment token", id.0.as_bytes())?
-                    .ok_or_else(|| StoreError::NotFound(format!("enrollment token {id}")))?;
-            token.uses = token.uses.saturating_sub(1);
-            put_json(&mut tokens, "enrollment token", id.0.as_bytes(), &token)
-        })
-        .await
+        self.update_enrollment_token(id, |t| t.uses = t.uses.saturating_sub(1))
+            .await
     }
 
     async fn revoke_enrollment_token(&self, id: TokenId) -> Result<()> {
-        self.write(move |txn| {
-            let mut tokens = txn.open_table(ENROLL_TOKENS)?;
-            let mut token: EnrollmentToken =
-                get_json(&tokens, "enrollment token", id.0.as_bytes())?
-                    .ok_or_else(|| StoreError::NotFound(format!("enrollment token {id}")))?;
-            token.revoked = true;
-            put_json(&mut tokens, "enrollment token", id.0.as_bytes(), &token)
-        })
-        .await
+        self.update_enrollment_token(id, |t| t.revoked = true).await
     }
 
     // --- API tokens ---------------------------------------------------------------------------

@@ -570,6 +570,22 @@ impl PgStore {
         let conn = self.conn().await?;
         conn.query(sql, params).await.map_err(pg)
     }
+
+    /// `UPDATE enroll_tokens SET <set>` on one token; NotFound if there is no such token.
+    async fn update_enrollment_token(&self, id: TokenId, set: &'static str) -> Result<()> {
+        let conn = self.conn().await?;
+        let n = conn
+            .execute(
+                &format!("UPDATE enroll_tokens SET {set} WHERE id = $1"),
+                &[&id.0],
+            )
+            .await
+            .map_err(pg)?;
+        if n == 0 {
+            return Err(StoreError::NotFound(format!("enrollment token {id}")));
+        }
+        Ok(())
+    }
 }
 
 #[async_trait]
@@ -1247,33 +1263,12 @@ impl Store for PgStore {
     }
 
     async fn release_enrollment_token_use(&self, id: TokenId) -> Result<()> {
-        let conn = self.conn().await?;
-        let n = conn
-            .execute(
-                "UPDATE enroll_tokens SET uses = GREATEST(uses - 1, 0) WHERE id = $1",
-                &[&id.0],
-            )
+        self.update_enrollment_token(id, "uses = GREATEST(uses - 1, 0)")
             .await
-            .map_err(pg)?;
-        if n == 0 {
-            return Err(StoreError::NotFound(format!("enrollment token {id}")));
-        }
-        Ok(())
     }
 
     async fn revoke_enrollment_token(&self, id: TokenId) -> Result<()> {
-        let conn = self.conn().await?;
-        let n = conn
-            .execute(
-                "UPDATE enroll_tokens SET revoked = true WHERE id = $1",
-                &[&id.0],
-            )
-            .await
-            .map_err(pg)?;
-        if n == 0 {
-            return Err(StoreError::NotFound(format!("enrollment token {id}")));
-        }
-        Ok(())
+        self.update_enrollment_token(id, "revoked = true").await
     }
 
     // --- API tokens ---------------------------------------------------------------------------
