@@ -344,8 +344,8 @@ pub async fn cleanup(broker: &Broker, prefix: &str, users: Vec<String>) {
     }
     let started = Instant::now();
     let mut users: std::collections::BTreeSet<String> = users.into_iter().collect();
-    match list_prefixed(broker, prefix).await {
-        Ok(listed) => users.extend(listed.users),
+    match prefixed_users(broker, prefix).await {
+        Ok(found) => users.extend(found),
         Err(e) => eprintln!("cleanup {prefix}: listing users: {e:#}"),
     }
     let users: Vec<String> = users.into_iter().collect();
@@ -379,7 +379,7 @@ pub async fn cleanup(broker: &Broker, prefix: &str, users: Vec<String>) {
     let (mut nq, mut ne, mut failed) = (0, 0, 0);
     let deadline = Instant::now() + Duration::from_secs(300);
     for pass in 0..3 {
-        let listed = match list_prefixed(broker, prefix).await {
+        let listed = match prefixed_objects(broker, prefix).await {
             Ok(listed) => listed,
             Err(e) => {
                 eprintln!("cleanup {prefix}: listing: {e:#}");
@@ -420,7 +420,6 @@ pub async fn cleanup(broker: &Broker, prefix: &str, users: Vec<String>) {
                 break;
             }
         }
-        tokio::time::sleep(Duration::from_millis(500)).await;
     }
     eprintln!(
         "cleanup {prefix}: {} users, {nq} queues, {ne} exchanges deleted in {:.1} s{}",
@@ -475,15 +474,13 @@ async fn delete_each(bus: Bus, names: Vec<String>, kind: Kind) -> usize {
     failed
 }
 
-/// What the broker holds under a run's prefix.
+/// The queues and exchanges under a run's prefix.
 struct Prefixed {
     queues: Vec<String>,
     exchanges: Vec<String>,
-    /// Users whose permissions name the prefix (the node's per-host users, the run's own users).
-    users: Vec<String>,
 }
 
-async fn list_prefixed(broker: &Broker, prefix: &str) -> anyhow::Result<Prefixed> {
+async fn prefixed_objects(broker: &Broker, prefix: &str) -> anyhow::Result<Prefixed> {
     let b = broker.clone();
     let p = format!("{prefix}.");
     tokio::task::spawn_blocking(move || -> anyhow::Result<Prefixed> {
@@ -499,10 +496,22 @@ async fn list_prefixed(broker: &Broker, prefix: &str) -> anyhow::Result<Prefixed
                 })
                 .unwrap_or_default())
         };
-        // Permission patterns escape the dot: `<prefix>\.agent\.<id>`.
-        let escaped = format!("{}\\.", p.trim_end_matches('.'));
+        Ok(Prefixed {
+            queues: names("queues")?,
+            exchanges: names("exchanges")?,
+        })
+    })
+    .await?
+}
+
+/// Users whose permissions name the run's prefix: the node's per-host users, the run's own users.
+async fn prefixed_users(broker: &Broker, prefix: &str) -> anyhow::Result<Vec<String>> {
+    let b = broker.clone();
+    // Permission patterns escape the dot (`<prefix>\.agent\.<id>`); some name it plainly.
+    let (plain, escaped) = (format!("{prefix}."), format!("{prefix}\\."));
+    tokio::task::spawn_blocking(move || -> anyhow::Result<Vec<String>> {
         let perms = b.mgmt_get("/api/permissions")?;
-        let users = perms
+        Ok(perms
             .as_array()
             .map(|a| {
                 a.iter()
@@ -510,19 +519,14 @@ async fn list_prefixed(broker: &Broker, prefix: &str) -> anyhow::Result<Prefixed
                         ["configure", "write", "read"].iter().any(|k| {
                             i[*k]
                                 .as_str()
-                                .is_some_and(|r| r.contains(&escaped) || r.contains(&p))
+                                .is_some_and(|r| r.contains(&escaped) || r.contains(&plain))
                         })
                     })
                     .filter_map(|i| i["user"].as_str())
                     .map(str::to_owned)
                     .collect()
             })
-            .unwrap_or_default();
-        Ok(Prefixed {
-            queues: names("queues")?,
-            exchanges: names("exchanges")?,
-            users,
-        })
+            .unwrap_or_default())
     })
     .await?
 }

@@ -111,21 +111,19 @@ async fn create_batch(
 /// the channel, so the next one opens another.
 async fn declare_queues(bus: &Bus, names: &Names, jobs: &[Job]) -> Vec<Result<(), String>> {
     let mut out = Vec::with_capacity(jobs.len());
-    let mut channel = None;
+    let mut channel: Option<comodit_bus::lapin::Channel> = None;
     for job in jobs {
-        if channel
-            .as_ref()
-            .is_none_or(|ch: &comodit_bus::lapin::Channel| !ch.status().connected())
-        {
-            channel = match bus.channel().await {
-                Ok(ch) => Some(ch),
+        channel = channel.filter(|ch| ch.status().connected());
+        let ch = match channel {
+            Some(ref ch) => ch,
+            None => match bus.channel().await {
+                Ok(ch) => channel.insert(ch),
                 Err(e) => {
                     out.push(Err(format!("queue: {e}")));
                     continue;
                 }
-            };
-        }
-        let ch = channel.as_ref().expect("opened above");
+            },
+        };
         out.push(
             topology::declare_agent_queue(ch, names, job.host)
                 .await
