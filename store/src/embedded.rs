@@ -342,6 +342,16 @@ impl EmbeddedStore {
         })
     }
 
+    /// A point read (a few keys, bounded work): runs on the caller's thread. A redb read
+    /// transaction never waits for the writer, and handing a read of some microseconds to the
+    /// blocking pool costs more in thread wake-ups than the read itself (two per read, on the
+    /// path of every change). Scans and listings go through [`Self::read`].
+    fn lookup<T>(&self, f: impl FnOnce(&ReadTransaction) -> Result<T>) -> Result<T> {
+        let txn = self.db.begin_read()?;
+        f(&txn)
+    }
+
+    /// A read of unbounded size (a listing, a scan), on the blocking pool.
     async fn read<T, F>(&self, f: F) -> Result<T>
     where
         T: Send + 'static,
@@ -356,8 +366,6 @@ impl EmbeddedStore {
         .map_err(|e| StoreError::Backend(format!("store task failed: {e}")))?
     }
 
-    /// Runs `f` in a write transaction (shared with the writes queued at the same moment, see
-    /// [`Writer`]), durable on return; nothing of it is kept if it fails.
     /// Changes one enrollment token in place; NotFound if there is no such token.
     async fn update_enrollment_token(
         &self,
@@ -375,6 +383,8 @@ impl EmbeddedStore {
         .await
     }
 
+    /// Runs `f` in a write transaction (shared with the writes queued at the same moment, see
+    /// [`Writer`]), durable on return; nothing of it is kept if it fails.
     async fn write<T, F>(&self, f: F) -> Result<T>
     where
         T: Send + 'static,
@@ -884,19 +894,17 @@ impl Store for EmbeddedStore {
     }
 
     async fn get_org(&self, id: OrgId) -> Result<Option<Organization>> {
-        self.read(move |txn| get_json(&txn.open_table(ORGS)?, "organization", id.0.as_bytes()))
-            .await
+        self.lookup(move |txn| get_json(&txn.open_table(ORGS)?, "organization", id.0.as_bytes()))
     }
 
     async fn get_org_by_name(&self, name: &str) -> Result<Option<Organization>> {
         let name = name.to_owned();
-        self.read(move |txn| {
+        self.lookup(move |txn| {
             let Some(id) = get_bytes(&txn.open_table(ORG_NAMES)?, name.as_bytes())? else {
                 return Ok(None);
             };
             get_json(&txn.open_table(ORGS)?, "organization", &id)
         })
-        .await
     }
 
     async fn list_orgs(&self, page: &Page) -> Result<Paged<Organization>> {
@@ -986,19 +994,17 @@ impl Store for EmbeddedStore {
     }
 
     async fn get_env(&self, id: EnvId) -> Result<Option<Environment>> {
-        self.read(move |txn| get_json(&txn.open_table(ENVS)?, "environment", id.0.as_bytes()))
-            .await
+        self.lookup(move |txn| get_json(&txn.open_table(ENVS)?, "environment", id.0.as_bytes()))
     }
 
     async fn get_env_by_name(&self, org: OrgId, name: &str) -> Result<Option<Environment>> {
         let key = cat(&[org.0.as_bytes(), name.as_bytes()]);
-        self.read(move |txn| {
+        self.lookup(move |txn| {
             let Some(id) = get_bytes(&txn.open_table(ENV_NAMES)?, &key)? else {
                 return Ok(None);
             };
             get_json(&txn.open_table(ENVS)?, "environment", &id)
         })
-        .await
     }
 
     async fn list_envs(&self, org: OrgId, page: &Page) -> Result<Paged<Environment>> {
@@ -1087,8 +1093,7 @@ impl Store for EmbeddedStore {
     }
 
     async fn get_host(&self, id: HostId) -> Result<Option<Host>> {
-        self.read(move |txn| load_host(&txn.open_table(HOSTS)?, id))
-            .await
+        self.lookup(move |txn| load_host(&txn.open_table(HOSTS)?, id))
     }
 
     async fn update_host(&self, host: &Host, expected_version: u64) -> Result<Host> {
@@ -1240,8 +1245,7 @@ impl Store for EmbeddedStore {
     }
 
     async fn get_runtime(&self, host: HostId) -> Result<Option<HostRuntime>> {
-        self.read(move |txn| get_json(&txn.open_table(RUNTIME)?, "runtime", host.0.as_bytes()))
-            .await
+        self.lookup(move |txn| get_json(&txn.open_table(RUNTIME)?, "runtime", host.0.as_bytes()))
     }
 
     // --- change log ---------------------------------------------------------------------------
@@ -1284,7 +1288,7 @@ impl Store for EmbeddedStore {
     }
 
     async fn get_change(&self, host: HostId, id: ChangeId) -> Result<Option<Change>> {
-        self.read(move |txn| {
+        self.lookup(move |txn| {
             let hid = host.0.as_bytes();
             let Some(seq) = get_bytes(&txn.open_table(CHANGE_IDS)?, &cat(&[hid, id.0.as_bytes()]))?
             else {
@@ -1292,7 +1296,6 @@ impl Store for EmbeddedStore {
             };
             get_json(&txn.open_table(CHANGES)?, "change", &cat(&[hid, &seq]))
         })
-        .await
     }
 
     async fn update_change(
@@ -1352,7 +1355,7 @@ impl Store for EmbeddedStore {
     }
 
     async fn pending_changes(&self, host: HostId) -> Result<Vec<Change>> {
-        self.read(move |txn| {
+        self.lookup(move |txn| {
             let Some(h) = load_host(&txn.open_table(HOSTS)?, host)? else {
                 return Ok(Vec::new());
             };
@@ -1371,7 +1374,6 @@ impl Store for EmbeddedStore {
             }
             Ok(out)
         })
-        .await
     }
 
     async fn hosts_with_pending_changes(&self, shard: u32) -> Result<Vec<HostId>> {
@@ -1442,14 +1444,13 @@ impl Store for EmbeddedStore {
     }
 
     async fn get_enrollment_token(&self, id: TokenId) -> Result<Option<EnrollmentToken>> {
-        self.read(move |txn| {
+        self.lookup(move |txn| {
             get_json(
                 &txn.open_table(ENROLL_TOKENS)?,
                 "enrollment token",
                 id.0.as_bytes(),
             )
         })
-        .await
     }
 
     async fn list_enrollment_tokens(
@@ -1565,14 +1566,13 @@ impl Store for EmbeddedStore {
 
     async fn find_api_token(&self, secret_sha256: &str) -> Result<Option<ApiToken>> {
         let secret = secret_sha256.to_owned();
-        self.read(move |txn| {
+        self.lookup(move |txn| {
             let Some(id) = get_bytes(&txn.open_table(API_BY_SECRET)?, secret.as_bytes())? else {
                 return Ok(None);
             };
             let token: Option<ApiToken> = get_json(&txn.open_table(API_TOKENS)?, "API token", &id)?;
             Ok(token.filter(|t| !t.revoked))
         })
-        .await
     }
 
     async fn list_api_tokens(&self, page: &Page) -> Result<Paged<ApiToken>> {
@@ -1712,8 +1712,7 @@ impl Store for EmbeddedStore {
 
     async fn get_setting(&self, scope: &SettingScope, key: &str) -> Result<Option<Setting>> {
         let key = cat(&[&scope_key(scope), key.as_bytes()]);
-        self.read(move |txn| get_json(&txn.open_table(SETTINGS)?, "setting", &key))
-            .await
+        self.lookup(move |txn| get_json(&txn.open_table(SETTINGS)?, "setting", &key))
     }
 
     async fn list_settings(&self, scope: &SettingScope) -> Result<Vec<Setting>> {
@@ -1755,8 +1754,7 @@ impl Store for EmbeddedStore {
     }
 
     async fn get_job(&self, id: JobId) -> Result<Option<Job>> {
-        self.read(move |txn| get_json(&txn.open_table(JOBS)?, "job", id.0.as_bytes()))
-            .await
+        self.lookup(move |txn| get_json(&txn.open_table(JOBS)?, "job", id.0.as_bytes()))
     }
 
     async fn update_job_status(

@@ -398,29 +398,34 @@ async fn concurrent_writes_commit_together_and_a_failing_one_takes_nothing_back(
     assert_eq!(all.items.len(), 200);
 }
 
-/// Benchmark (ignored): durable writes per second with many writers at once.
+/// Benchmark (ignored): durable writes per second with many writers at once, and the CPU each
+/// write costs the process (all threads), also when writes arrive at a steady rate (as during an
+/// API wave, where CPU is what the node shares with the broker).
 /// `cargo test --release -p comodit-store --test embedded writes_per_second -- --ignored --nocapture`
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "benchmark"]
 async fn writes_per_second() {
     let dir = tempfile::tempdir().unwrap();
     let store = EmbeddedStore::open(&dir.path().join("store.redb")).unwrap();
+    let write = |store: EmbeddedStore, name: String| async move {
+        let org = Organization {
+            id: OrgId::random(),
+            name,
+            created_at: Utc::now(),
+            version: 0,
+        };
+        store.create_org(&org).await.unwrap();
+    };
     for writers in [1usize, 16, 256] {
         let n = 20_000 / (if writers == 1 { 10 } else { 1 });
-        let started = std::time::Instant::now();
+        let (started, cpu) = (std::time::Instant::now(), cpu_seconds());
         let sem = std::sync::Arc::new(tokio::sync::Semaphore::new(writers));
         let mut tasks = Vec::with_capacity(n);
         for i in 0..n {
             let permit = sem.clone().acquire_owned().await.unwrap();
-            let store = store.clone();
+            let w = write(store.clone(), format!("bench-{writers}-{i}"));
             tasks.push(tokio::spawn(async move {
-                let org = Organization {
-                    id: OrgId::random(),
-                    name: format!("bench-{writers}-{i}"),
-                    created_at: Utc::now(),
-                    version: 0,
-                };
-                store.create_org(&org).await.unwrap();
+                w.await;
                 drop(permit);
             }));
         }
@@ -428,6 +433,35 @@ async fn writes_per_second() {
             t.await.unwrap();
         }
         let rate = n as f64 / started.elapsed().as_secs_f64();
-        eprintln!("{writers} writers: {rate:.0} durable writes/s");
+        let per = (cpu_seconds() - cpu) / n as f64 * 1e6;
+        eprintln!("{writers} writers: {rate:.0} durable writes/s, {per:.0} µs of CPU per write");
     }
+    for rate in [500u64, 2_000] {
+        let n = rate as usize * 4;
+        let cpu = cpu_seconds();
+        let mut tick = tokio::time::interval(std::time::Duration::from_micros(1_000_000 / rate));
+        let mut tasks = Vec::with_capacity(n);
+        for i in 0..n {
+            tick.tick().await;
+            tasks.push(tokio::spawn(write(
+                store.clone(),
+                format!("paced-{rate}-{i}"),
+            )));
+        }
+        for t in tasks {
+            t.await.unwrap();
+        }
+        let per = (cpu_seconds() - cpu) / n as f64 * 1e6;
+        eprintln!("{rate} writes/s offered: {per:.0} µs of CPU per write");
+    }
+}
+
+/// CPU time used by this process so far (user + system, all threads), from /proc.
+fn cpu_seconds() -> f64 {
+    let stat = std::fs::read_to_string("/proc/self/stat").unwrap();
+    // The fields after the command name (which is in parentheses and may hold spaces).
+    let rest = &stat[stat.rfind(')').unwrap() + 2..];
+    let f: Vec<&str> = rest.split(' ').collect();
+    let ticks: u64 = f[11].parse::<u64>().unwrap() + f[12].parse::<u64>().unwrap();
+    ticks as f64 / 100.0
 }
