@@ -78,6 +78,15 @@ impl NodeProc {
         self.child.as_ref().map(Child::id)
     }
 
+    /// The CPUs the node may run on, as the kernel has them (`Cpus_allowed_list`).
+    pub fn cpus_allowed(&self) -> Option<String> {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid()?)).ok()?;
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("Cpus_allowed_list:"))
+            .map(|v| v.trim().to_owned())
+    }
+
     pub fn url(&self, path: &str) -> String {
         format!("http://127.0.0.1:{}{}", self.port, path)
     }
@@ -126,6 +135,8 @@ pub struct NodeOptions {
     pub log: String,
     /// Extra `COMODIT_*` variables.
     pub env: Vec<(String, String)>,
+    /// CPUs the node may run on (a `taskset -c` list), e.g. to give it a core of its own.
+    pub cpus: Option<String>,
 }
 
 pub fn free_port() -> anyhow::Result<u16> {
@@ -154,7 +165,15 @@ pub fn spawn_node(
             opts.bin.display()
         );
     }
-    let child = Command::new(&opts.bin)
+    let mut cmd = match &opts.cpus {
+        Some(cpus) => {
+            let mut c = Command::new("taskset");
+            c.arg("-c").arg(cpus).arg(&opts.bin);
+            c
+        }
+        None => Command::new(&opts.bin),
+    };
+    let child = cmd
         .env_clear()
         .env("PATH", std::env::var("PATH").unwrap_or_default())
         .env("COMODIT_LISTEN", format!("127.0.0.1:{port}"))

@@ -103,6 +103,11 @@ pub struct Common {
     /// Skip the bare comparison (its figures and ratios are then absent).
     #[arg(long)]
     pub no_bare: bool,
+    /// Run the node(s) on these CPUs only (a `taskset -c` list such as `1`). With the broker and
+    /// this process pinned elsewhere, the node gets cores of its own, as on a real deployment
+    /// (docs/performance.md).
+    #[arg(long)]
+    pub node_cpus: Option<String>,
 }
 
 pub struct Ctx {
@@ -165,6 +170,7 @@ impl Ctx {
             command_timeout_s: 60,
             log: self.c.node_log.clone(),
             env: Vec::new(),
+            cpus: self.c.node_cpus.clone(),
         })
     }
 
@@ -763,6 +769,9 @@ pub async fn api_wave_scenario(ctx: &mut Ctx, op: ApiOp) -> anyhow::Result<()> {
             .store(enrolled.hosts.len() as u64, Ordering::Relaxed);
         wait_actors(&rig.apis, enrolled.hosts.len(), Duration::from_secs(600)).await?;
         let ids: Vec<HostId> = enrolled.hosts.iter().map(|(h, _)| *h).collect();
+        if let Some(cpus) = rig.nodes.first().and_then(NodeProc::cpus_allowed) {
+            ctx.report.notes.push(format!("node 1 ran on CPUs {cpus}"));
+        }
         let name = match op {
             ApiOp::Apply { .. } => "api_apply",
             ApiOp::Run => "api_run",

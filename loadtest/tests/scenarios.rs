@@ -174,7 +174,18 @@ fn apply_answers_every_host_through_the_api_and_counts_injected_failures() {
 
 #[test]
 fn run_answers_every_host_through_the_api() {
-    let (r, _dir) = run(&["run", "--slow-fraction", "0.05", "--slow-ms", "200"]);
+    // Also the node on a CPU of its own (`taskset -c`), as docs/performance.md does.
+    let (r, _dir) = run(&[
+        "run",
+        "--slow-fraction",
+        "0.05",
+        "--slow-ms",
+        "200",
+        "--node-cpus",
+        "0",
+    ]);
+    let notes = r["notes"].to_string();
+    assert!(notes.contains("node 1 ran on CPUs 0\""), "{notes}");
     let c = &r["counts"];
     assert_eq!(c["counted"], HOSTS, "{c}");
     assert_eq!(c["answered_ok"], HOSTS, "{c}");
