@@ -256,21 +256,68 @@ pub fn http(timeout: Duration) -> ureq::Agent {
         .into()
 }
 
+type AsyncHttp = hyper_util::client::legacy::Client<
+    hyper_util::client::legacy::connect::HttpConnector,
+    http_body_util::Full<hyper::body::Bytes>,
+>;
+
 /// The node's REST API with the admin token.
 #[derive(Clone)]
 pub struct Api {
     pub base: String,
     pub auth: String,
     pub http: ureq::Agent,
+    /// For the waves: thousands of requests in flight on the runtime's own threads, where the
+    /// blocking client needs a thread per request (and their wake-ups take CPU from the broker).
+    pub client: AsyncHttp,
 }
 
 impl Api {
     pub fn new(node: &NodeProc, token: &str) -> Api {
+        let client =
+            hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+                .pool_max_idle_per_host(4096)
+                .build_http();
         Api {
             base: format!("http://127.0.0.1:{}", node.port),
             auth: format!("Bearer {token}"),
             http: http(Duration::from_secs(120)),
+            client,
         }
+    }
+
+    /// [`Self::call`] on the async client; `timeout` bounds the whole exchange.
+    pub async fn call_async(
+        &self,
+        method: &str,
+        path: &str,
+        body: Option<&Value>,
+        timeout: Duration,
+    ) -> anyhow::Result<(u16, Value)> {
+        use http_body_util::BodyExt;
+        let payload = match body {
+            Some(b) => serde_json::to_vec(b)?,
+            None => Vec::new(),
+        };
+        let req = hyper::Request::builder()
+            .method(method)
+            .uri(format!("{}{path}", self.base))
+            .header("authorization", &self.auth)
+            .header("content-type", "application/json")
+            .body(http_body_util::Full::new(hyper::body::Bytes::from(payload)))?;
+        let exchange = async {
+            let r = self.client.request(req).await?;
+            let status = r.status().as_u16();
+            let bytes = r.into_body().collect().await?.to_bytes();
+            anyhow::Ok((
+                status,
+                serde_json::from_slice(&bytes).unwrap_or(Value::Null),
+            ))
+        };
+        tokio::time::timeout(timeout, exchange)
+            .await
+            .map_err(|_| anyhow::anyhow!("{method} {path}: no answer within {timeout:?}"))?
+            .with_context(|| format!("{method} {path}"))
     }
 
     /// One call; returns the status and the JSON answer (`Null` if none). Transport errors are

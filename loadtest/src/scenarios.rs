@@ -14,11 +14,12 @@
 
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
 use comodit_protocol::{Body, Collection, HostId, Names, Resource, RunSpec, Secret, Spec};
+use futures_util::StreamExt;
 use serde_json::{json, Value};
 use tokio_util::sync::CancellationToken;
 
@@ -894,52 +895,31 @@ pub async fn api_wave(
     on_progress: Option<Arc<dyn Fn(usize) + Send + Sync>>,
 ) -> anyhow::Result<(Wave, u64)> {
     let resent = Arc::new(std::sync::atomic::AtomicU64::new(0));
-    let next = Arc::new(AtomicUsize::new(0));
     let answered = Arc::new(AtomicUsize::new(0));
-    let results = Arc::new(Mutex::new(Vec::with_capacity(hosts.len())));
     let start = Instant::now();
     let until = start + deadline;
-    let hosts = Arc::new(hosts.to_vec());
-    let apis = Arc::new(apis.to_vec());
-    let workers = concurrency.clamp(1, hosts.len().max(1));
-    let mut joins = Vec::new();
-    for _ in 0..workers {
-        let resent = resent.clone();
-        let (next, answered, results, hosts, apis, op, progress) = (
-            next.clone(),
-            answered.clone(),
-            results.clone(),
-            hosts.clone(),
-            apis.clone(),
-            op.clone(),
-            on_progress.clone(),
-        );
-        joins.push(tokio::task::spawn_blocking(move || loop {
-            let i = next.fetch_add(1, Ordering::Relaxed);
-            if i >= hosts.len() || Instant::now() > until {
-                return;
+    let results: Vec<(Duration, Duration, Outcome)> = futures_util::stream::iter(0..hosts.len())
+        .map(|i| {
+            let (resent, answered, progress) = (&resent, &answered, &on_progress);
+            async move {
+                let t = Instant::now();
+                let (outcome, again) = one_request(apis, i, hosts[i], op, until).await;
+                resent.fetch_add(again, Ordering::Relaxed);
+                let done = Instant::now();
+                let n = answered.fetch_add(1, Ordering::Relaxed) + 1;
+                if let Some(p) = progress {
+                    p(n);
+                }
+                (done.duration_since(start), done.duration_since(t), outcome)
             }
-            let t = Instant::now();
-            let (outcome, again) = one_request(&apis, i, hosts[i], &op, until);
-            resent.fetch_add(again, Ordering::Relaxed);
-            let done = Instant::now();
-            results.lock().unwrap_or_else(|e| e.into_inner()).push((
-                done.duration_since(start),
-                done.duration_since(t),
-                outcome,
-            ));
-            let n = answered.fetch_add(1, Ordering::Relaxed) + 1;
-            if let Some(p) = &progress {
-                p(n);
-            }
-        }));
-    }
-    for j in joins {
-        j.await?;
-    }
+        })
+        .buffer_unordered(concurrency.max(1))
+        .take_while(|_| futures_util::future::ready(Instant::now() <= until))
+        .collect()
+        .await;
     let mut wave = Wave::new(name, hosts.len());
     let mut errors = 0;
-    for (at, lat, outcome) in results.lock().unwrap_or_else(|e| e.into_inner()).drain(..) {
+    for (at, lat, outcome) in results {
         match outcome {
             Outcome::Done(ok) => wave.record(at, lat, ok),
             Outcome::Error(e) => {
@@ -966,11 +946,15 @@ enum Outcome {
 }
 
 /// The outcome, and how many times the request was sent again to another node.
-fn one_request(apis: &[Api], i: usize, host: HostId, op: &ApiOp, until: Instant) -> (Outcome, u64) {
-    let wait = until
-        .saturating_duration_since(Instant::now())
-        .as_secs()
-        .clamp(1, 60);
+async fn one_request(
+    apis: &[Api],
+    i: usize,
+    host: HostId,
+    op: &ApiOp,
+    until: Instant,
+) -> (Outcome, u64) {
+    let left = until.saturating_duration_since(Instant::now());
+    let wait = left.as_secs().clamp(1, 60);
     let (method, path, body) = match op {
         ApiOp::Apply { content } => (
             "PUT",
@@ -988,9 +972,10 @@ fn one_request(apis: &[Api], i: usize, host: HostId, op: &ApiOp, until: Instant)
     for k in 0..apis.len() {
         let api = &apis[(i + k) % apis.len()];
         let again = k as u64;
-        match api.call(method, &path, Some(&body)) {
+        let timeout = Duration::from_secs(wait + 60);
+        match api.call_async(method, &path, Some(&body), timeout).await {
             Ok((200, v)) => return (Outcome::Done(is_ok(&v)), again),
-            Ok((202, v)) => return (follow(api, host, &v, until), again),
+            Ok((202, v)) => return (follow(api, host, &v, until).await, again),
             Ok((status, v)) => {
                 let e = anyhow::anyhow!("{host}: HTTP {status}: {v}");
                 return (Outcome::Error(e), again);
@@ -1007,14 +992,17 @@ fn is_ok(change: &Value) -> bool {
 }
 
 /// Polls a pending change until it is final or the deadline passes.
-fn follow(api: &Api, host: HostId, change: &Value, until: Instant) -> Outcome {
+async fn follow(api: &Api, host: HostId, change: &Value, until: Instant) -> Outcome {
     let Some(id) = change["id"].as_str() else {
         return Outcome::Error(anyhow::anyhow!("{host}: 202 without a change id: {change}"));
     };
     let path = format!("/api/v1/hosts/{host}/changes/{id}");
     while Instant::now() < until {
-        std::thread::sleep(Duration::from_millis(200));
-        match api.call("GET", &path, None) {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        match api
+            .call_async("GET", &path, None, Duration::from_secs(30))
+            .await
+        {
             Ok((200, v)) => {
                 let s = v["status"].as_str().unwrap_or("");
                 if s != "queued" && s != "dispatched" {
