@@ -898,7 +898,9 @@ pub async fn api_wave(
     let answered = Arc::new(AtomicUsize::new(0));
     let start = Instant::now();
     let until = start + deadline;
+    // No request starts after the deadline; those in flight then end by their own timeouts.
     let results: Vec<(Duration, Duration, Outcome)> = futures_util::stream::iter(0..hosts.len())
+        .take_while(|_| futures_util::future::ready(Instant::now() <= until))
         .map(|i| {
             let (resent, answered, progress) = (&resent, &answered, &on_progress);
             async move {
@@ -914,7 +916,6 @@ pub async fn api_wave(
             }
         })
         .buffer_unordered(concurrency.max(1))
-        .take_while(|_| futures_util::future::ready(Instant::now() <= until))
         .collect()
         .await;
     let mut wave = Wave::new(name, hosts.len());
@@ -953,8 +954,12 @@ async fn one_request(
     op: &ApiOp,
     until: Instant,
 ) -> (Outcome, u64) {
-    let left = until.saturating_duration_since(Instant::now());
-    let wait = left.as_secs().clamp(1, 60);
+    let wait = until
+        .saturating_duration_since(Instant::now())
+        .as_secs()
+        .clamp(1, 60);
+    // The node holds the request up to `wait` seconds for the answer.
+    let timeout = Duration::from_secs(wait + 60);
     let (method, path, body) = match op {
         ApiOp::Apply { content } => (
             "PUT",
@@ -972,7 +977,6 @@ async fn one_request(
     for k in 0..apis.len() {
         let api = &apis[(i + k) % apis.len()];
         let again = k as u64;
-        let timeout = Duration::from_secs(wait + 60);
         match api.call_async(method, &path, Some(&body), timeout).await {
             Ok((200, v)) => return (Outcome::Done(is_ok(&v)), again),
             Ok((202, v)) => return (follow(api, host, &v, until).await, again),

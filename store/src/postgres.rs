@@ -571,18 +571,13 @@ impl PgStore {
         conn.query(sql, params).await.map_err(pg)
     }
 
-    /// `UPDATE enroll_tokens SET <set>` on one token; NotFound if there is no such token.
-    async fn update_enrollment_token(&self, id: TokenId, set: &'static str) -> Result<()> {
+    /// Runs `sql`, an UPDATE or DELETE of the one row whose id is `$1`; NotFound(`what`) if
+    /// there is none.
+    async fn change_one(&self, sql: &str, id: Uuid, what: String) -> Result<()> {
         let conn = self.conn().await?;
-        let n = conn
-            .execute(
-                &format!("UPDATE enroll_tokens SET {set} WHERE id = $1"),
-                &[&id.0],
-            )
-            .await
-            .map_err(pg)?;
+        let n = conn.execute(sql, &[&id]).await.map_err(pg)?;
         if n == 0 {
-            return Err(StoreError::NotFound(format!("enrollment token {id}")));
+            return Err(StoreError::NotFound(what));
         }
         Ok(())
     }
@@ -857,15 +852,12 @@ impl Store for PgStore {
 
     async fn delete_host(&self, id: HostId) -> Result<()> {
         // Its runtime record, change log, job results and settings go with it (ON DELETE CASCADE).
-        let conn = self.conn().await?;
-        let n = conn
-            .execute("DELETE FROM hosts WHERE id = $1", &[&id.0])
-            .await
-            .map_err(pg)?;
-        if n == 0 {
-            return Err(StoreError::NotFound(format!("host {id}")));
-        }
-        Ok(())
+        self.change_one(
+            "DELETE FROM hosts WHERE id = $1",
+            id.0,
+            format!("host {id}"),
+        )
+        .await
     }
 
     async fn list_hosts(&self, filter: &HostFilter, page: &Page) -> Result<Paged<Host>> {
@@ -1263,12 +1255,21 @@ impl Store for PgStore {
     }
 
     async fn release_enrollment_token_use(&self, id: TokenId) -> Result<()> {
-        self.update_enrollment_token(id, "uses = GREATEST(uses - 1, 0)")
-            .await
+        self.change_one(
+            "UPDATE enroll_tokens SET uses = GREATEST(uses - 1, 0) WHERE id = $1",
+            id.0,
+            format!("enrollment token {id}"),
+        )
+        .await
     }
 
     async fn revoke_enrollment_token(&self, id: TokenId) -> Result<()> {
-        self.update_enrollment_token(id, "revoked = true").await
+        self.change_one(
+            "UPDATE enroll_tokens SET revoked = true WHERE id = $1",
+            id.0,
+            format!("enrollment token {id}"),
+        )
+        .await
     }
 
     // --- API tokens ---------------------------------------------------------------------------
@@ -1320,18 +1321,12 @@ impl Store for PgStore {
     }
 
     async fn revoke_api_token(&self, id: TokenId) -> Result<()> {
-        let conn = self.conn().await?;
-        let n = conn
-            .execute(
-                "UPDATE api_tokens SET revoked = true WHERE id = $1",
-                &[&id.0],
-            )
-            .await
-            .map_err(pg)?;
-        if n == 0 {
-            return Err(StoreError::NotFound(format!("API token {id}")));
-        }
-        Ok(())
+        self.change_one(
+            "UPDATE api_tokens SET revoked = true WHERE id = $1",
+            id.0,
+            format!("API token {id}"),
+        )
+        .await
     }
 
     // --- audit log ----------------------------------------------------------------------------
