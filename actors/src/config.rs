@@ -34,6 +34,10 @@ pub struct ActorsConfig {
     pub requeue_delay: Duration,
     /// How long a change waits before a failed publish is tried again. Default 2 s.
     pub publish_retry: Duration,
+    /// A change sent and still unanswered after this long is recorded `dispatched` in the store;
+    /// one answered sooner skips that write (until then the store and the API say `queued`).
+    /// Default 2 s.
+    pub dispatch_record_delay: Duration,
     /// Arbiters (threads) the host actors are spread over. Default 2.
     pub arbiters: usize,
     /// How long API calls wait for a host actor's answer ([`crate::OpsError::Timeout`]) and
@@ -63,6 +67,7 @@ impl Default for ActorsConfig {
             sweep_interval: Duration::from_secs(1),
             requeue_delay: Duration::from_secs(1),
             publish_retry: Duration::from_secs(2),
+            dispatch_record_delay: Duration::from_secs(2),
             arbiters: 2,
             actor_call_timeout: Duration::from_secs(10),
             max_concurrent_tasks: 256,

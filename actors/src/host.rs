@@ -797,6 +797,7 @@ impl HostState {
                 Due::Send(id) if sending => self.send(id, epoch, fetched, false, now).await,
                 Due::Resend(id) if sending => self.send(id, epoch, fetched, true, now).await,
                 Due::Send(_) | Due::Resend(_) => Ok(false),
+                Due::Record(id) => self.record_dispatched(id, epoch, now).await,
             };
             match step {
                 Ok(sent) => sending &= sent || matches!(due, Due::Expire(_)),
@@ -898,29 +899,48 @@ impl HostState {
         metrics::counter!(m::DISPATCHED, "attempt" => if resend { "resend" } else { "first" })
             .increment(1);
         drop(_in_span);
-        if !resend {
-            let r = core
-                .store
-                .update_change(self.host, id, ChangeStatus::Dispatched, None, epoch)
-                .await;
-            match r {
-                Ok(c) => self.core.emit(NodeEvent::Change {
+        self.pending.sent(id, now, core.timing);
+        debug!(command_id = %change.command_id, resend, "command dispatched");
+        Ok(true)
+    }
+
+    /// Writes `dispatched` for a change sent `record_delay` ago and still unanswered (one that is
+    /// answered sooner goes from `queued` to its final status in one write). Until then the store
+    /// says `queued`; a new owner then sends it again, with the same command id, which the
+    /// agent's de-duplication answers with its stored reply.
+    async fn record_dispatched(
+        &mut self,
+        id: ChangeId,
+        epoch: Epoch,
+        now: i64,
+    ) -> Result<bool, Fail> {
+        let core = self.core.clone();
+        let r = core
+            .store
+            .update_change(self.host, id, ChangeStatus::Dispatched, None, epoch)
+            .await;
+        match r {
+            Ok(c) => {
+                self.pending.recorded(id);
+                self.core.emit(NodeEvent::Change {
                     host: self.host,
                     change: c.id,
                     seq: c.seq,
                     status: c.status,
-                }),
-                Err(e) => {
-                    // Sent but not recorded: send it again later (same id) and record then.
-                    let f = self.fail(e);
-                    self.pending.send_failed(id, now, core.timing);
-                    return Err(f);
-                }
+                });
+                Ok(true)
+            }
+            // Gone meanwhile (host deleted): nothing left to send or record.
+            Err(StoreError::NotFound(_)) => {
+                self.pending.remove(id);
+                Ok(true)
+            }
+            Err(e) => {
+                let f = self.fail(e);
+                self.pending.record_failed(id, now, core.timing);
+                Err(f)
             }
         }
-        self.pending.sent(id, now, core.timing);
-        debug!(command_id = %change.command_id, resend, "command dispatched");
-        Ok(true)
     }
 
     /// Rewrites the runtime record (read, change, write: only this actor writes it).

@@ -2,8 +2,9 @@
 //! nothing else (the request itself stays in the store). Plain code over plain data and a given
 //! clock (`now_ms`, wall-clock milliseconds), so the schedule is tested without a broker.
 //!
-//! A change is `queued` until a publish of its command was confirmed, then `dispatched`. A
-//! dispatched change is re-sent with the same command id after `command_timeout` without a reply
+//! A change is `queued` until a publish of its command was confirmed, then `dispatched`. The
+//! store learns of the dispatch `record_delay` later, and only if no reply came first: a change
+//! answered within that delay costs one write less (ARCHITECTURE §14). A dispatched change is re-sent with the same command id after `command_timeout` without a reply
 //! (the agent's de-duplication answers a duplicate with its stored reply), at most `max_retries`
 //! times, and only while the host is online: while it is offline the first copy waits in its queue.
 //! Any pending change expires at its `expires_at`.
@@ -19,6 +20,8 @@ pub struct Timing {
     pub command_timeout_ms: i64,
     pub max_retries: u32,
     pub publish_retry_ms: i64,
+    /// How long after its first send a change still unanswered is recorded `dispatched`.
+    pub record_delay_ms: i64,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -27,6 +30,10 @@ pub struct Pending {
     pub command: CommandId,
     pub seq: u64,
     pub dispatched: bool,
+    /// The store holds it as `dispatched` (read so, or written since).
+    pub recorded: bool,
+    /// When to record the dispatch ([`NEVER`]: recorded, or nothing sent yet).
+    pub record_ms: i64,
     /// Confirmed publishes so far (0 while queued).
     pub sends: u32,
     /// When it was first sent (ms), for the round-trip histogram.
@@ -42,6 +49,8 @@ pub enum Due {
     Expire(ChangeId),
     Send(ChangeId),
     Resend(ChangeId),
+    /// Sent a while ago and still unanswered: write `dispatched` to the store.
+    Record(ChangeId),
 }
 
 /// The pending changes of one host, in log (`seq`) order. Empty lists hold no heap memory.
@@ -78,6 +87,8 @@ impl PendingList {
                 command: c.command_id,
                 seq: c.seq,
                 dispatched,
+                recorded: dispatched,
+                record_ms: NEVER,
                 sends: u32::from(dispatched),
                 first_sent_ms: dispatched.then(|| c.updated_at.timestamp_millis()),
                 next_ms: if dispatched {
@@ -121,6 +132,8 @@ impl PendingList {
                     Some(Due::Send(p.change))
                 } else if p.dispatched && may_resend(p, online, t) && p.next_ms <= now_ms {
                     Some(Due::Resend(p.change))
+                } else if p.dispatched && p.record_ms <= now_ms {
+                    Some(Due::Record(p.change))
                 } else {
                     None
                 }
@@ -138,7 +151,8 @@ impl PendingList {
                 } else {
                     NEVER
                 };
-                send.min(p.expires_ms)
+                let record = if p.dispatched { p.record_ms } else { NEVER };
+                send.min(record).min(p.expires_ms)
             })
             .min()
             .unwrap_or(NEVER)
@@ -151,6 +165,24 @@ impl PendingList {
             p.sends = p.sends.saturating_add(1);
             p.first_sent_ms.get_or_insert(now_ms);
             p.next_ms = now_ms.saturating_add(t.command_timeout_ms);
+            if !p.recorded && p.record_ms == NEVER {
+                p.record_ms = now_ms.saturating_add(t.record_delay_ms);
+            }
+        }
+    }
+
+    /// The store now holds the change as `dispatched`.
+    pub fn recorded(&mut self, change: ChangeId) {
+        if let Some(p) = self.0.iter_mut().find(|p| p.change == change) {
+            p.recorded = true;
+            p.record_ms = NEVER;
+        }
+    }
+
+    /// Writing `dispatched` failed: try again a little later.
+    pub fn record_failed(&mut self, change: ChangeId, now_ms: i64, t: Timing) {
+        if let Some(p) = self.0.iter_mut().find(|p| p.change == change) {
+            p.record_ms = now_ms.saturating_add(t.publish_retry_ms);
         }
     }
 
@@ -186,6 +218,7 @@ mod tests {
         command_timeout_ms: 1_000,
         max_retries: 2,
         publish_retry_ms: 100,
+        record_delay_ms: 300,
     };
 
     fn change(seq: u64, status: ChangeStatus, expires_ms: i64) -> Change {
@@ -224,6 +257,8 @@ mod tests {
         let mut l = PendingList::default();
         l.sync(std::slice::from_ref(&c), 0, T);
         l.sent(c.id, 0, T);
+        assert_eq!(l.due(300, true, T), vec![Due::Record(c.id)]);
+        l.recorded(c.id);
         assert!(l.due(999, true, T).is_empty());
         // Offline: the command waits in the host's queue, nothing is re-sent.
         assert!(l.due(5_000, false, T).is_empty());
@@ -252,9 +287,45 @@ mod tests {
         assert!(l.due(99, false, T).is_empty());
         assert_eq!(l.due(100, false, T), vec![Due::Send(c.id)]);
         l.sent(c.id, 100, T);
+        l.recorded(c.id);
         l.host_online(5_000, T);
         assert!(l.due(5_999, true, T).is_empty());
         assert_eq!(l.due(6_000, true, T), vec![Due::Resend(c.id)]);
+    }
+
+    #[test]
+    fn a_dispatch_is_recorded_only_when_no_reply_came_within_the_delay() {
+        let c = change(1, ChangeStatus::Queued, 100_000);
+        let mut l = PendingList::default();
+        l.sync(std::slice::from_ref(&c), 0, T);
+        assert_eq!(l.get(c.id).unwrap().record_ms, NEVER, "nothing sent yet");
+        l.sent(c.id, 1_000, T);
+        assert!(l.due(1_299, true, T).is_empty());
+        assert_eq!(l.next_due(true, T), 1_300);
+        assert_eq!(l.due(1_300, true, T), vec![Due::Record(c.id)]);
+        // Offline, it is recorded all the same (the command waits in the host's queue).
+        assert_eq!(l.due(1_300, false, T), vec![Due::Record(c.id)]);
+        l.record_failed(c.id, 1_300, T);
+        assert!(l.due(1_399, true, T).is_empty());
+        assert_eq!(l.due(1_400, true, T), vec![Due::Record(c.id)]);
+        l.recorded(c.id);
+        assert!(l.due(1_400, true, T).is_empty());
+        // A re-send does not record again.
+        assert_eq!(l.due(2_000, true, T), vec![Due::Resend(c.id)]);
+        l.sent(c.id, 2_000, T);
+        assert!(l.due(2_999, true, T).is_empty());
+        assert_eq!(l.next_due(true, T), 3_000);
+        // Answered in time: removed, nothing left to record.
+        let d = change(2, ChangeStatus::Queued, 100_000);
+        l.sync(&[c.clone(), d.clone()], 2_000, T);
+        l.sent(d.id, 2_000, T);
+        l.remove(d.id);
+        assert!(l.due(2_999, true, T).is_empty());
+        // Read from the store as dispatched: already recorded.
+        let e = change(3, ChangeStatus::Dispatched, 100_000);
+        l.sync(&[c, e.clone()], 2_000, T);
+        assert!(l.get(e.id).unwrap().recorded);
+        assert!(l.due(2_999, true, T).is_empty());
     }
 
     #[test]

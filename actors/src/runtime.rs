@@ -191,6 +191,7 @@ impl Orchestrator {
             command_timeout_ms: millis(config.command_timeout),
             max_retries: config.max_retries,
             publish_retry_ms: millis(config.publish_retry),
+            record_delay_ms: millis(config.dispatch_record_delay),
         };
         let core = Arc::new(Core {
             work: Semaphore::new(config.max_concurrent_tasks.max(1)),

@@ -39,7 +39,8 @@ fn auto_reply(mut agent: Agent) -> tokio::task::JoinHandle<()> {
 async fn submit_is_dispatched_and_completed_with_the_reply() {
     init_logs();
     recorder();
-    let mut node = Node::new(|_| {}).await;
+    // Answered long before its dispatch would be recorded: one write for the answer.
+    let mut node = Node::new(|c| c.dispatch_record_delay = Duration::from_secs(60)).await;
     let (host, pw) = node.add_host().await;
     let mut events = node.events();
     let agent = node.agent(host, &pw).await;
@@ -68,18 +69,20 @@ async fn submit_is_dispatched_and_completed_with_the_reply() {
     assert_eq!(stored.status, ChangeStatus::Applied);
     assert_eq!(stored.reply, change.reply);
 
-    // The event stream told the story: queued, dispatched, applied.
-    for status in [
-        ChangeStatus::Queued,
-        ChangeStatus::Dispatched,
-        ChangeStatus::Applied,
-    ] {
-        events
-            .wait_for(&format!("change {status:?}"), |e| {
-                matches!(e, NodeEvent::Change { change: c, status: s, .. } if *c == change.id && *s == status)
-            })
+    // The event stream told the story: queued, then applied, with no `dispatched` write between.
+    let mut seen = Vec::new();
+    while seen.last() != Some(&ChangeStatus::Applied) {
+        let e = events
+            .wait_for(
+                "the change's events",
+                |e| matches!(e, NodeEvent::Change { change: c, .. } if *c == change.id),
+            )
             .await;
+        if let NodeEvent::Change { status, .. } = e {
+            seen.push(status);
+        }
     }
+    assert_eq!(seen, [ChangeStatus::Queued, ChangeStatus::Applied]);
     replier.abort();
     node.finish().await;
 }
@@ -148,13 +151,15 @@ async fn offline_host_gets_its_command_once_when_it_comes_back() {
         comodit_testkit::queue_counts(&queue) == Some((1, 0))
     })
     .await;
-    let stored = node
-        .store()
-        .get_change(host, change.id)
-        .await
-        .unwrap()
-        .unwrap();
-    assert_eq!(stored.status, ChangeStatus::Dispatched);
+    // Unanswered after `dispatch_record_delay`: recorded as dispatched.
+    wait_until_async("the change recorded as dispatched", || async {
+        node.store()
+            .get_change(host, change.id)
+            .await
+            .unwrap()
+            .is_some_and(|c| c.status == ChangeStatus::Dispatched)
+    })
+    .await;
 
     // The agent comes back: hello, then its queue.
     let mut agent = node.agent(host, &pw).await;
@@ -419,6 +424,14 @@ async fn a_restarted_node_resumes_queued_and_dispatched_changes() {
     let queue = node.names.agent_queue(host);
     wait_until("the first command queued at the broker", || {
         comodit_testkit::queue_counts(&queue) == Some((1, 0))
+    })
+    .await;
+    wait_until_async("the first change recorded as dispatched", || async {
+        node.store()
+            .get_change(host, sent.id)
+            .await
+            .unwrap()
+            .is_some_and(|c| c.status == ChangeStatus::Dispatched)
     })
     .await;
     node.stop_orchestrator().await;

@@ -222,7 +222,9 @@ pub struct ChangeView {
     pub seq: u64,
     /// The command's op: `apply`, `remove`, `read`, `list`, `run`, ...
     pub op: String,
-    /// `queued`, `dispatched`, `applied`, `failed`, `expired` or `cancelled`.
+    /// `queued`, `dispatched`, `applied`, `failed`, `expired` or `cancelled`. A change is shown
+    /// `dispatched` once it was sent and has waited 2 s for its answer; one answered sooner goes
+    /// from `queued` straight to its final status.
     #[schema(example = "applied")]
     pub status: String,
     /// The command body as sent to the agent (password hashes redacted).

@@ -45,8 +45,16 @@ fn main() -> ExitCode {
         0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
         60.0,
     ];
+    // The store's group-commit batches are counted in writes (up to 256), not seconds.
+    const BUCKETS_WRITES: &[f64] = &[1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0];
     let metrics = match metrics_exporter_prometheus::PrometheusBuilder::new()
         .set_buckets(BUCKETS_S)
+        .and_then(|b| {
+            b.set_buckets_for_metric(
+                metrics_exporter_prometheus::Matcher::Full("comodit_store_write_batch_size".into()),
+                BUCKETS_WRITES,
+            )
+        })
         .and_then(|b| b.install_recorder())
     {
         Ok(handle) => handle,

@@ -118,6 +118,8 @@ fn enroll_online_put_dry_run_run_offline_and_back() {
         "comodit_api_request_duration_seconds_bucket",
         "comodit_node_commands_dispatched_total",
         "comodit_node_replies_total",
+        // Batch sizes in writes, not in the latency buckets.
+        "comodit_store_write_batch_size_bucket{le=\"256\"}",
     ] {
         assert!(
             metrics.contains(needle),

@@ -37,6 +37,7 @@ pub fn test_config() -> ActorsConfig {
         sweep_interval: Duration::from_millis(100),
         requeue_delay: Duration::from_millis(200),
         publish_retry: Duration::from_millis(200),
+        dispatch_record_delay: Duration::from_millis(200),
         connection_events: false,
         ..ActorsConfig::default()
     }
