@@ -45,11 +45,26 @@ ensure_rust() {
 
 rabbitmq_up() { as_root rabbitmqctl -q await_startup --timeout 2 >/dev/null 2>&1; }
 
+# Broker settings for tens of thousands of host queues (ARCHITECTURE §22): the management plugin's
+# statistics collectors, whose work grows with every queue, were the broker's largest cost, and
+# nothing in comodit reads those statistics (queue counts come from `rabbitmqctl list_queues`).
+# A file of RabbitMQ's conf.d, read at start: a broker already running keeps its settings until it
+# restarts.
+RABBITMQ_CONF=/etc/rabbitmq/conf.d/10-comodit.conf
+RABBITMQ_CONF_TEXT='# Written by comodit deploy/common.sh (ARCHITECTURE.md §22).
+management_agent.disable_metrics_collector = true
+collect_statistics_interval = 30000'
+
 # RabbitMQ from the distribution, with the management and event-exchange plugins, started with a
 # raised open-files limit (thousands of queues starve the default 1,024; DESIGN §5).
 ensure_rabbitmq() {
   apt_install rabbitmq-server curl
   as_root rabbitmq-plugins --offline -q enable rabbitmq_management rabbitmq_event_exchange >/dev/null
+  if [ "$(cat "$RABBITMQ_CONF" 2>/dev/null)" != "$RABBITMQ_CONF_TEXT" ]; then
+    as_root mkdir -p "$(dirname "$RABBITMQ_CONF")"
+    printf '%s\n' "$RABBITMQ_CONF_TEXT" | as_root tee "$RABBITMQ_CONF" >/dev/null
+    if rabbitmq_up; then log "$RABBITMQ_CONF written: it applies when rabbitmq next restarts"; fi
+  fi
   if rabbitmq_up; then
     # Plugins enabled offline need a running node to pick them up.
     as_root rabbitmq-plugins -q enable rabbitmq_management rabbitmq_event_exchange >/dev/null
