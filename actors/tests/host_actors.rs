@@ -152,14 +152,8 @@ async fn offline_host_gets_its_command_once_when_it_comes_back() {
     })
     .await;
     // Unanswered after `dispatch_record_delay`: recorded as dispatched.
-    wait_until_async("the change recorded as dispatched", || async {
-        node.store()
-            .get_change(host, change.id)
-            .await
-            .unwrap()
-            .is_some_and(|c| c.status == ChangeStatus::Dispatched)
-    })
-    .await;
+    node.wait_for_status(host, change.id, ChangeStatus::Dispatched)
+        .await;
 
     // The agent comes back: hello, then its queue.
     let mut agent = node.agent(host, &pw).await;
@@ -169,14 +163,8 @@ async fn offline_host_gets_its_command_once_when_it_comes_back() {
     assert_eq!(cmd.epoch, Epoch(1));
     assert_eq!(cmd.body, ping());
     agent.reply_ok(&cmd).await;
-    wait_until_async("the change applied", || async {
-        node.store()
-            .get_change(host, change.id)
-            .await
-            .unwrap()
-            .is_some_and(|c| c.status == ChangeStatus::Applied)
-    })
-    .await;
+    node.wait_for_status(host, change.id, ChangeStatus::Applied)
+        .await;
     // Delivered once: nothing more within two command timeouts.
     assert!(agent.next_command(Duration::from_secs(4)).await.is_none());
     agent.disconnect().await;
@@ -370,14 +358,8 @@ async fn unanswered_commands_are_resent_with_the_same_id_up_to_max_retries() {
             finished_at: Utc::now(),
         }))
         .await;
-    wait_until_async("the change failed", || async {
-        node.store()
-            .get_change(host, change.id)
-            .await
-            .unwrap()
-            .is_some_and(|c| c.status == ChangeStatus::Failed)
-    })
-    .await;
+    node.wait_for_status(host, change.id, ChangeStatus::Failed)
+        .await;
     agent.disconnect().await;
     node.finish().await;
 }
@@ -426,14 +408,8 @@ async fn a_restarted_node_resumes_queued_and_dispatched_changes() {
         comodit_testkit::queue_counts(&queue) == Some((1, 0))
     })
     .await;
-    wait_until_async("the first change recorded as dispatched", || async {
-        node.store()
-            .get_change(host, sent.id)
-            .await
-            .unwrap()
-            .is_some_and(|c| c.status == ChangeStatus::Dispatched)
-    })
-    .await;
+    node.wait_for_status(host, sent.id, ChangeStatus::Dispatched)
+        .await;
     node.stop_orchestrator().await;
     // Recorded but never dispatched: the node died between the record and the kick.
     let now = Utc::now();
@@ -477,14 +453,7 @@ async fn a_restarted_node_resumes_queued_and_dispatched_changes() {
     agent.reply_ok(&first).await;
     agent.reply_ok(&second).await;
     for id in [queued.id, sent.id] {
-        wait_until_async("both changes applied", || async {
-            node.store()
-                .get_change(host, id)
-                .await
-                .unwrap()
-                .is_some_and(|c| c.status == ChangeStatus::Applied)
-        })
-        .await;
+        node.wait_for_status(host, id, ChangeStatus::Applied).await;
     }
     agent.disconnect().await;
     node.finish().await;

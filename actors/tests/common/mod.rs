@@ -15,7 +15,7 @@ use comodit_actors::ownership::{Ownership, SingleNode};
 use comodit_actors::{ActorsConfig, NodeEvent, Orchestrator};
 use comodit_bus::{topology, Bus, BusConfig, ConsumeOptions, Consumer, OutMessage};
 use comodit_protocol::*;
-use comodit_store::{EnvId, Environment, Host, OrgId, Organization, Store};
+use comodit_store::{ChangeId, ChangeStatus, EnvId, Environment, Host, OrgId, Organization, Store};
 use tokio::sync::broadcast;
 use tokio_util::sync::CancellationToken;
 
@@ -170,6 +170,18 @@ impl Node {
                 .await
                 .expect("orchestrator stops in time");
         }
+    }
+
+    /// Waits until the store holds the change with this status.
+    pub async fn wait_for_status(&self, host: HostId, change: ChangeId, status: ChangeStatus) {
+        wait_until_async(&format!("change {change} {status:?}"), || async {
+            self.store()
+                .get_change(host, change)
+                .await
+                .unwrap()
+                .is_some_and(|c| c.status == status)
+        })
+        .await;
     }
 
     pub fn store_path(&self) -> PathBuf {
