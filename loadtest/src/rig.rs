@@ -139,10 +139,21 @@ pub struct NodeOptions {
     pub cpus: Option<String>,
 }
 
+/// A loopback port free now and never handed out before by this process: the kernel may give a
+/// released port again at once, and the failover scenario picks its Raft ports before the nodes'
+/// API ports.
 pub fn free_port() -> anyhow::Result<u16> {
-    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
-        .local_addr()?
-        .port())
+    static GIVEN: std::sync::Mutex<std::collections::BTreeSet<u16>> =
+        std::sync::Mutex::new(std::collections::BTreeSet::new());
+    let mut given = GIVEN.lock().unwrap_or_else(|e| e.into_inner());
+    loop {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")?
+            .local_addr()?
+            .port();
+        if given.insert(port) {
+            return Ok(port);
+        }
+    }
 }
 
 /// Starts one node and waits (≤ 60 s) for `/healthz`.

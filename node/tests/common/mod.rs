@@ -3,8 +3,10 @@
 //! Every process is killed when its handle drops; every wait has a deadline.
 #![allow(dead_code)]
 
+use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
+use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
@@ -86,12 +88,22 @@ pub struct Node {
     http: ureq::Agent,
 }
 
+/// A loopback port free now and never handed out before in this process: the kernel may give a
+/// released port again at once, and a cluster test asks for its Raft ports first and its API ports
+/// later, so a Raft port could come back as an API port (CI once saw a Raft port in use).
 pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+    static GIVEN: Mutex<BTreeSet<u16>> = Mutex::new(BTreeSet::new());
+    let mut given = GIVEN.lock().unwrap_or_else(|e| e.into_inner());
+    loop {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        if given.insert(port) {
+            return port;
+        }
+    }
 }
 
 impl Node {
