@@ -58,13 +58,16 @@ collect_statistics_interval = 30000'
 # RabbitMQ from the distribution, with the management and event-exchange plugins, started with a
 # raised open-files limit (thousands of queues starve the default 1,024; DESIGN §5).
 ensure_rabbitmq() {
-  apt_install rabbitmq-server curl
-  as_root rabbitmq-plugins --offline -q enable rabbitmq_management rabbitmq_event_exchange >/dev/null
+  # Written before the package is installed, so the broker its installation starts reads it.
   if [ "$(cat "$RABBITMQ_CONF" 2>/dev/null)" != "$RABBITMQ_CONF_TEXT" ]; then
     as_root mkdir -p "$(dirname "$RABBITMQ_CONF")"
     printf '%s\n' "$RABBITMQ_CONF_TEXT" | as_root tee "$RABBITMQ_CONF" >/dev/null
-    if rabbitmq_up; then log "$RABBITMQ_CONF written: it applies when rabbitmq next restarts"; fi
+    if command -v rabbitmqctl >/dev/null && rabbitmq_up; then
+      log "$RABBITMQ_CONF written: it applies when rabbitmq next restarts"
+    fi
   fi
+  apt_install rabbitmq-server curl
+  as_root rabbitmq-plugins --offline -q enable rabbitmq_management rabbitmq_event_exchange >/dev/null
   if rabbitmq_up; then
     # Plugins enabled offline need a running node to pick them up.
     as_root rabbitmq-plugins -q enable rabbitmq_management rabbitmq_event_exchange >/dev/null

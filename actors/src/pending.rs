@@ -4,10 +4,11 @@
 //!
 //! A change is `queued` until a publish of its command was confirmed, then `dispatched`. The
 //! store learns of the dispatch `record_delay` later, and only if no reply came first: a change
-//! answered within that delay costs one write less (ARCHITECTURE §14). A dispatched change is re-sent with the same command id after `command_timeout` without a reply
-//! (the agent's de-duplication answers a duplicate with its stored reply), at most `max_retries`
-//! times, and only while the host is online: while it is offline the first copy waits in its queue.
-//! Any pending change expires at its `expires_at`.
+//! answered within that delay costs one write less (ARCHITECTURE §14). A dispatched change is
+//! re-sent with the same command id after `command_timeout` without a reply (the agent's
+//! de-duplication answers a duplicate with its stored reply), at most `max_retries` times, and
+//! only while the host is online: while it is offline the first copy waits in its queue. Any
+//! pending change expires at its `expires_at`.
 
 use comodit_protocol::CommandId;
 use comodit_store::{Change, ChangeId, ChangeStatus};
