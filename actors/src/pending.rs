@@ -31,9 +31,8 @@ pub struct Pending {
     pub command: CommandId,
     pub seq: u64,
     pub dispatched: bool,
-    /// The store holds it as `dispatched` (read so, or written since).
-    pub recorded: bool,
-    /// When to record the dispatch ([`NEVER`]: recorded, or nothing sent yet).
+    /// When to record the dispatch in the store ([`NEVER`]: nothing sent yet, read from the store
+    /// as dispatched, or recorded since). Set by the first send.
     pub record_ms: i64,
     /// Confirmed publishes so far (0 while queued).
     pub sends: u32,
@@ -88,7 +87,6 @@ impl PendingList {
                 command: c.command_id,
                 seq: c.seq,
                 dispatched,
-                recorded: dispatched,
                 record_ms: NEVER,
                 sends: u32::from(dispatched),
                 first_sent_ms: dispatched.then(|| c.updated_at.timestamp_millis()),
@@ -162,20 +160,20 @@ impl PendingList {
     /// A publish of the change's command was confirmed.
     pub fn sent(&mut self, change: ChangeId, now_ms: i64, t: Timing) {
         if let Some(p) = self.0.iter_mut().find(|p| p.change == change) {
+            if p.sends == 0 {
+                // The first send of a change the store still has as queued.
+                p.record_ms = now_ms.saturating_add(t.record_delay_ms);
+            }
             p.dispatched = true;
             p.sends = p.sends.saturating_add(1);
             p.first_sent_ms.get_or_insert(now_ms);
             p.next_ms = now_ms.saturating_add(t.command_timeout_ms);
-            if !p.recorded && p.record_ms == NEVER {
-                p.record_ms = now_ms.saturating_add(t.record_delay_ms);
-            }
         }
     }
 
     /// The store now holds the change as `dispatched`.
     pub fn recorded(&mut self, change: ChangeId) {
         if let Some(p) = self.0.iter_mut().find(|p| p.change == change) {
-            p.recorded = true;
             p.record_ms = NEVER;
         }
     }
@@ -322,11 +320,13 @@ mod tests {
         l.sent(d.id, 2_000, T);
         l.remove(d.id);
         assert!(l.due(2_999, true, T).is_empty());
-        // Read from the store as dispatched: already recorded.
+        // Read from the store as dispatched: already recorded, also after a re-send.
         let e = change(3, ChangeStatus::Dispatched, 100_000);
         l.sync(&[c, e.clone()], 2_000, T);
-        assert!(l.get(e.id).unwrap().recorded);
+        assert_eq!(l.get(e.id).unwrap().record_ms, NEVER);
         assert!(l.due(2_999, true, T).is_empty());
+        l.sent(e.id, 3_000, T);
+        assert_eq!(l.get(e.id).unwrap().record_ms, NEVER);
     }
 
     #[test]
