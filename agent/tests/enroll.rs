@@ -117,6 +117,7 @@ impl Node {
                 enroll_user: enroll_user.clone(),
                 enroll_password: enroll_password.clone(),
                 n_shards: N_SHARDS,
+                import_min: comodit_node::enroll::IMPORT_MIN,
             },
             None,
             stop.clone(),

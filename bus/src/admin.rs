@@ -137,6 +137,10 @@ impl BrokerAdmin {
             .timeout_connect(Some(timeout.min(Duration::from_secs(5))))
             .http_status_as_error(false)
             .max_redirects(0)
+            // Callers make many calls at once (the node's enrollment workers): keep their
+            // connections alive rather than open one per call.
+            .max_idle_connections(64)
+            .max_idle_connections_per_host(64)
             .user_agent(concat!("comodit/", env!("CARGO_PKG_VERSION")))
             .build()
             .into();
@@ -188,7 +192,7 @@ impl BrokerAdmin {
             })),
         )
         .await?;
-        info!(host_id = %host, "broker user created");
+        debug!(host_id = %host, "broker user created");
         Ok(())
     }
 

@@ -23,8 +23,8 @@ use tokio_util::sync::CancellationToken;
 /// One attempt's wait for the node's answer.
 const ATTEMPT_TIMEOUT: Duration = Duration::from_secs(30);
 const ATTEMPTS: u32 = 3;
-/// Enrollment connections (each carries up to 64 requests in flight: the bus's confirm window).
-const CONNECTIONS: usize = 4;
+/// Requests in flight on one enrollment connection: the bus's confirm window.
+const PER_CONNECTION: usize = 64;
 
 pub struct Enrolled {
     pub hosts: Vec<(HostId, Secret)>,
@@ -53,7 +53,9 @@ pub async fn enroll(opts: EnrollOptions, shutdown: CancellationToken) -> anyhow:
     let stop = shutdown.child_token();
     let _guard = stop.clone().drop_guard();
     let mut buses = Vec::new();
-    for i in 0..CONNECTIONS {
+    // Enough connections that `concurrency` requests can be in flight at once.
+    let in_flight = opts.concurrency.min(opts.count);
+    for i in 0..in_flight.div_ceil(PER_CONNECTION).max(1) {
         let bus = Bus::start(
             BusConfig {
                 url: crate::fleet::with_credentials(&opts.broker, &opts.user, &opts.password),

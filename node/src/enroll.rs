@@ -51,7 +51,8 @@ use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, info_span, warn, Instrument};
 
-use crate::enroll_batch::BrokerBatcher;
+use crate::enroll_broker::BrokerWorkers;
+pub use crate::enroll_broker::IMPORT_MIN;
 
 /// `hex(sha256(secret))`: how the API stores enrollment tokens, and so how they are looked up.
 pub use comodit_api::hash_token;
@@ -59,10 +60,9 @@ pub use comodit_api::hash_token;
 /// Largest enrollment request accepted, in bytes: facts and a token fit in a few kilobytes.
 pub const MAX_REQUEST_BYTES: usize = 64 * 1024;
 /// Requests processed at once (each makes a few store writes and waits for its broker user and
-/// queue). Their broker users are created in batches of whatever requests wait together
-/// ([`crate::enroll_batch`]), so this also bounds a batch: the loadtest measured 6,900
-/// enrollments a minute with 8 and 8,500 with 32 one host at a time (docs/performance.md).
-pub const MAX_IN_FLIGHT: usize = 256;
+/// queue). When the broker is the bottleneck many wait together, and from
+/// [`IMPORT_MIN`] waiting their users go in one import (ARCHITECTURE §21): this bounds that crowd.
+pub const MAX_IN_FLIGHT: usize = 2048;
 /// Attempts of a revocation whose broker steps fail, before the caller is told to retry.
 const REVOKE_ATTEMPTS: u32 = 3;
 /// How many recent requests the replay cache remembers, and for how long.
@@ -87,6 +87,10 @@ pub struct EnrollConfig {
     pub enroll_password: String,
     /// The cluster's shard count, told to every enrolled agent for its routing keys.
     pub n_shards: u32,
+    /// New hosts waiting together from which their broker users are made in one definitions
+    /// import instead of three management calls each (ARCHITECTURE §21); the node uses
+    /// [`IMPORT_MIN`].
+    pub import_min: usize,
 }
 
 impl std::fmt::Debug for EnrollConfig {
@@ -119,7 +123,7 @@ struct Inner {
     bus: Bus,
     admin: BrokerAdmin,
     /// Creates new hosts' broker users and queues, many at a time.
-    broker: BrokerBatcher,
+    broker: BrokerWorkers,
     names: Names,
     n_shards: u32,
     events: Option<broadcast::Sender<NodeEvent>>,
@@ -219,7 +223,12 @@ impl EnrollService {
             inner: Arc::new(Inner {
                 store,
                 bus: bus.clone(),
-                broker: BrokerBatcher::start(bus.clone(), admin.clone(), names.clone()),
+                broker: BrokerWorkers::start(
+                    bus.clone(),
+                    admin.clone(),
+                    names.clone(),
+                    cfg.import_min,
+                ),
                 admin,
                 names: names.clone(),
                 n_shards: cfg.n_shards,

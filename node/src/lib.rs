@@ -20,7 +20,7 @@
 pub mod cluster;
 pub mod config;
 pub mod enroll;
-mod enroll_batch;
+mod enroll_broker;
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -270,6 +270,7 @@ pub async fn run(
             enroll_user: config.enroll_user.clone(),
             enroll_password: config.enroll_password.clone(),
             n_shards: config.n_shards,
+            import_min: enroll::IMPORT_MIN,
         },
         Some(orchestrator.event_sender()),
         shutdown.clone(),

@@ -26,27 +26,13 @@ use tokio_util::sync::CancellationToken;
 const N_SHARDS: u32 = 4;
 const WAIT: Duration = Duration::from_secs(30);
 
-fn mgmt_url() -> String {
-    std::env::var("COMODIT_TEST_MGMT_URL").unwrap_or_else(|_| "http://127.0.0.1:15672".into())
-}
-
-/// (user, password, vhost) of the test broker's AMQP url.
-fn url_parts(url: &str) -> (String, String, String) {
-    let rest = url.split_once("://").expect("url has a scheme").1;
-    let (userinfo, hostpath) = rest.rsplit_once('@').unwrap_or(("guest:guest", rest));
-    let (user, password) = userinfo.split_once(':').unwrap_or((userinfo, ""));
-    let vhost = hostpath.split_once('/').map_or("%2f", |(_, v)| v);
-    let decode = |s: &str| s.replace("%2f", "/").replace("%2F", "/");
-    (decode(user), decode(password), decode(vhost))
-}
-
 fn admin_as(user: &str, password: &str) -> BrokerAdmin {
-    let (_, _, vhost) = url_parts(&kit::amqp_url());
-    BrokerAdmin::new(&mgmt_url(), user, password, &vhost).expect("admin client")
+    let (url, _, _, vhost) = kit::mgmt_login();
+    BrokerAdmin::new(&url, user, password, &vhost).expect("admin client")
 }
 
 fn admin() -> BrokerAdmin {
-    let (user, password, _) = url_parts(&kit::amqp_url());
+    let (_, user, password, _) = kit::mgmt_login();
     admin_as(&user, &password)
 }
 
@@ -173,6 +159,7 @@ impl Rig {
                 enroll_user: enroll_user.clone(),
                 enroll_password: enroll_password.clone(),
                 n_shards: N_SHARDS,
+                import_min: comodit_node::enroll::IMPORT_MIN,
             },
             Some(events_tx),
             stop.clone(),
@@ -742,7 +729,7 @@ async fn a_broker_failure_after_the_host_was_recorded_is_undone() {
     // back once the service is started.
     let admin_user = format!("enroll-test-admin-{}", HostId::random());
     let admin_password = "first-admin-password";
-    let (_, _, vhost) = url_parts(&kit::amqp_url());
+    let (_, _, _, vhost) = kit::mgmt_login();
     {
         let user = admin_user.clone();
         blocking(move || {

@@ -197,9 +197,16 @@ pub fn user_connection_count(user: &str) -> usize {
     out.lines().filter(|l| l.trim() == user).count()
 }
 
-/// Deletes every exchange and queue of the test vhost whose name starts with `prefix`.
-/// Best-effort: failures are printed, not raised, so cleanup never hides a test's own failure.
+/// Deletes every exchange and queue of the test vhost whose name starts with `prefix`, and
+/// every broker user whose permissions there name the prefix (the node's enrollment user, the
+/// hosts it enrolled). Best-effort: failures are printed, not raised, so cleanup never hides a
+/// test's own failure.
 pub fn cleanup_prefix(prefix: &str) {
+    cleanup_objects(prefix);
+    cleanup_users(prefix);
+}
+
+fn cleanup_objects(prefix: &str) {
     let vhost = Url::parse(&amqp_url()).path;
     if prefix.is_empty() {
         eprintln!("cleanup: refusing an empty prefix (it would delete everything)");
@@ -231,6 +238,42 @@ pub fn cleanup_prefix(prefix: &str) {
                     Err(e) => eprintln!("cleanup {prefix}: delete {name}: {e}"),
                 }
             }
+        }
+    }
+}
+
+/// The users of the test vhost whose permission patterns name `prefix` (`<prefix>.` or, escaped
+/// as the node writes them, `<prefix>\\.`), deleted one by one.
+fn cleanup_users(prefix: &str) {
+    if prefix.is_empty() {
+        return;
+    }
+    let vhost = Url::parse(&amqp_url()).path;
+    let (plain, escaped) = (format!("{prefix}."), format!("{prefix}\\."));
+    let perms = match mgmt_try("GET", &format!("/api/vhosts/{vhost}/permissions"), None) {
+        Ok((200, body)) => body,
+        Ok((status, _)) => return eprintln!("cleanup {prefix}: list permissions: HTTP {status}"),
+        Err(e) => return eprintln!("cleanup {prefix}: list permissions: {e}"),
+    };
+    let Ok(serde_json::Value::Array(perms)) = serde_json::from_str(&perms) else {
+        return eprintln!("cleanup {prefix}: permissions list is not a json array");
+    };
+    let users = perms.iter().filter(|p| {
+        ["configure", "write", "read"].iter().any(|k| {
+            p[*k]
+                .as_str()
+                .is_some_and(|r| r.contains(&plain) || r.contains(&escaped))
+        })
+    });
+    for user in users.filter_map(|p| p["user"].as_str()) {
+        match mgmt_try(
+            "DELETE",
+            &format!("/api/users/{}", percent_encode(user)),
+            None,
+        ) {
+            Ok((204 | 404, _)) => {}
+            Ok((status, _)) => eprintln!("cleanup {prefix}: delete user {user}: HTTP {status}"),
+            Err(e) => eprintln!("cleanup {prefix}: delete user {user}: {e}"),
         }
     }
 }
@@ -326,6 +369,14 @@ fn mgmt(method: &str, path: &str, body: Option<&serde_json::Value>) -> String {
 fn mgmt_raw(method: &str, path: &str, body: Option<&serde_json::Value>) -> (u16, String) {
     mgmt_try(method, path, body)
         .unwrap_or_else(|e| panic!("{method} {path}: management API unreachable: {e}"))
+}
+
+/// What a management client of the test broker needs: the management API's base url, then the
+/// user, password and vhost (decoded) of the test broker's AMQP url.
+pub fn mgmt_login() -> (String, String, String, String) {
+    let base = std::env::var("COMODIT_TEST_MGMT_URL").unwrap_or_else(|_| DEFAULT_MGMT_URL.into());
+    let amqp = Url::parse(&amqp_url());
+    (base, amqp.user, amqp.password, percent_decode(&amqp.path))
 }
 
 /// One HTTP/1.0 request (so the answer is never chunked and ends at EOF).
