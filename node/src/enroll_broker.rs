@@ -36,6 +36,8 @@ pub const WORKERS: usize = 16;
 pub const IMPORT_MIN: usize = 1024;
 /// Most hosts the dispatcher takes at once.
 pub const MAX_BATCH: usize = 4096;
+/// What a host is told when the workers are gone (the node is stopping).
+const STOPPED: &str = "the broker workers stopped";
 /// Broker users made, by how: `import` or `calls`.
 const USERS_METRIC: &str = "comodit_node_enroll_broker_users_total";
 
@@ -84,13 +86,8 @@ impl BrokerWorkers {
             password: password.to_owned(),
             done,
         };
-        self.tx
-            .send(job)
-            .await
-            .map_err(|_| "the broker workers stopped".to_owned())?;
-        result
-            .await
-            .map_err(|_| "the broker workers stopped".to_owned())?
+        self.tx.send(job).await.map_err(|_| STOPPED.to_owned())?;
+        result.await.map_err(|_| STOPPED.to_owned())?
     }
 }
 
@@ -114,7 +111,7 @@ async fn dispatch(
             if let Err(mpsc::error::SendError(task)) =
                 to_workers.send(Task { job, user_made }).await
             {
-                let _ = task.job.done.send(Err("the broker workers stopped".into()));
+                let _ = task.job.done.send(Err(STOPPED.into()));
             }
         }
     }

@@ -202,16 +202,16 @@ pub fn user_connection_count(user: &str) -> usize {
 /// hosts it enrolled). Best-effort: failures are printed, not raised, so cleanup never hides a
 /// test's own failure.
 pub fn cleanup_prefix(prefix: &str) {
+    if prefix.is_empty() {
+        eprintln!("cleanup: refusing an empty prefix (it would delete everything)");
+        return;
+    }
     cleanup_objects(prefix);
     cleanup_users(prefix);
 }
 
 fn cleanup_objects(prefix: &str) {
     let vhost = Url::parse(&amqp_url()).path;
-    if prefix.is_empty() {
-        eprintln!("cleanup: refusing an empty prefix (it would delete everything)");
-        return;
-    }
     for kind in ["queues", "exchanges"] {
         let (status, body) =
             match mgmt_try("GET", &format!("/api/{kind}/{vhost}?columns=name"), None) {
@@ -245,9 +245,6 @@ fn cleanup_objects(prefix: &str) {
 /// The users of the test vhost whose permission patterns name `prefix` (`<prefix>.` or, escaped
 /// as the node writes them, `<prefix>\\.`), deleted one by one.
 fn cleanup_users(prefix: &str) {
-    if prefix.is_empty() {
-        return;
-    }
     let vhost = Url::parse(&amqp_url()).path;
     let (plain, escaped) = (format!("{prefix}."), format!("{prefix}\\."));
     let perms = match mgmt_try("GET", &format!("/api/vhosts/{vhost}/permissions"), None) {
@@ -374,9 +371,17 @@ fn mgmt_raw(method: &str, path: &str, body: Option<&serde_json::Value>) -> (u16,
 /// What a management client of the test broker needs: the management API's base url, then the
 /// user, password and vhost (decoded) of the test broker's AMQP url.
 pub fn mgmt_login() -> (String, String, String, String) {
-    let base = std::env::var("COMODIT_TEST_MGMT_URL").unwrap_or_else(|_| DEFAULT_MGMT_URL.into());
     let amqp = Url::parse(&amqp_url());
-    (base, amqp.user, amqp.password, percent_decode(&amqp.path))
+    (
+        mgmt_base(),
+        amqp.user,
+        amqp.password,
+        percent_decode(&amqp.path),
+    )
+}
+
+fn mgmt_base() -> String {
+    std::env::var("COMODIT_TEST_MGMT_URL").unwrap_or_else(|_| DEFAULT_MGMT_URL.into())
 }
 
 /// One HTTP/1.0 request (so the answer is never chunked and ends at EOF).
@@ -385,8 +390,7 @@ fn mgmt_try(
     path: &str,
     body: Option<&serde_json::Value>,
 ) -> std::io::Result<(u16, String)> {
-    let base = std::env::var("COMODIT_TEST_MGMT_URL").unwrap_or_else(|_| DEFAULT_MGMT_URL.into());
-    let mgmt = Url::parse(&base);
+    let mgmt = Url::parse(&mgmt_base());
     let amqp = Url::parse(&amqp_url());
     let addr = (mgmt.host.as_str(), mgmt.port)
         .to_socket_addrs()?
