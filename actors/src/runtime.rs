@@ -456,17 +456,18 @@ impl HostOps for Orchestrator {
             .map_err(|_| StoreError::Invalid(format!("ttl too large: {:?}", opts.ttl)))?;
         let command_id = CommandId::random();
         // The limits a command must meet, checked before anything is recorded.
-        Command {
+        let cmd = Command {
             v: V1,
             id: command_id,
             host,
             epoch,
             issued_at: now,
             expires_at: now + ttl,
-            body: body.clone(),
-        }
-        .validate()
-        .map_err(|e| StoreError::Invalid(e.to_string()))?;
+            body,
+        };
+        cmd.validate()
+            .map_err(|e| StoreError::Invalid(e.to_string()))?;
+        let body = cmd.body;
         let request = serde_json::to_value(&body)
             .map_err(|e| StoreError::Invalid(format!("request: {e}")))?;
         let change = core

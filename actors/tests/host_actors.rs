@@ -88,6 +88,38 @@ async fn submit_is_dispatched_and_completed_with_the_reply() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_submits_reach_the_agent_in_log_order() {
+    init_logs();
+    let mut node = Node::new(|_| {}).await;
+    let (host, pw) = node.add_host().await;
+    let mut agent = node.agent(host, &pw).await;
+    agent.hello().await;
+    // The actor takes a submitted change from its kick when it is the next of the log, and reads
+    // the store when the kick of an earlier one has not come yet: either way, log order.
+    const N: usize = 40;
+    let submits = (0..N).map(|_| {
+        let orch = node.orch().clone();
+        tokio::spawn(async move { orch.submit(host, ping(), opts(None)).await })
+    });
+    let mut seq_of = std::collections::HashMap::new();
+    for s in submits {
+        let Submitted::Pending(c) = s.await.unwrap().expect("submit") else {
+            panic!("no wait asked: pending expected");
+        };
+        seq_of.insert(c.command_id, c.seq);
+    }
+    let mut got = Vec::new();
+    while got.len() < N {
+        let cmd = agent.command().await;
+        agent.reply_ok(&cmd).await;
+        got.push(*seq_of.get(&cmd.id).expect("a command of this test"));
+    }
+    let want: Vec<u64> = (1..=N as u64).collect();
+    assert_eq!(got, want, "commands in log order, each once");
+    node.finish().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn unknown_hosts_and_other_owners_are_refused() {
     init_logs();
     let node = Node::new(|_| {}).await;
