@@ -44,12 +44,22 @@ pub struct BareOptions {
     pub body: Body,
     pub deadline: Duration,
     pub broadcast: bool,
+    /// Unicast waves, one after the other on the same hosts (at least one).
+    pub waves: usize,
 }
 
 pub struct BareResult {
-    pub unicast: Wave,
+    /// Every unicast wave, in the order they ran.
+    pub unicasts: Vec<Wave>,
     pub broadcast: Option<Wave>,
     pub setup: Duration,
+}
+
+impl BareResult {
+    /// The unicast wave of median duration: the one the figures compare with.
+    pub fn unicast(&self) -> &Wave {
+        crate::measure::median_wave(&self.unicasts)
+    }
 }
 
 /// Runs bare unicast (and broadcast) on a prefix of its own, then deletes everything it made.
@@ -157,14 +167,28 @@ async fn run_on(
             opts.hosts,
             setup.as_secs_f64()
         );
-        let unicast = unicast(&driver, &names, &hosts, &opts.body, &replies, opts.deadline).await?;
-        eprintln!(
-            "bare unicast: {} of {} answered in {:.2} s ({:.0}/s)",
-            unicast.answered,
-            unicast.expected,
-            unicast.elapsed.as_secs_f64(),
-            unicast.throughput()
-        );
+        let mut unicasts = Vec::new();
+        for i in 0..opts.waves.max(1) {
+            let name = crate::measure::wave_name("bare_unicast", i, opts.waves);
+            let w = unicast(
+                &driver,
+                &names,
+                &hosts,
+                &opts.body,
+                &replies,
+                opts.deadline,
+                &name,
+            )
+            .await?;
+            eprintln!(
+                "{name}: {} of {} answered in {:.2} s ({:.0}/s)",
+                w.answered,
+                w.expected,
+                w.elapsed.as_secs_f64(),
+                w.throughput()
+            );
+            unicasts.push(w);
+        }
         let broadcast = if opts.broadcast {
             let w = broadcast(&driver, &bcast, &hosts, &opts.body, &replies, opts.deadline).await?;
             eprintln!(
@@ -179,7 +203,7 @@ async fn run_on(
             None
         };
         anyhow::Ok(BareResult {
-            unicast,
+            unicasts,
             broadcast,
             setup,
         })
@@ -265,6 +289,7 @@ async fn unicast(
     body: &Body,
     replies: &Replies,
     deadline: Duration,
+    name: &str,
 ) -> anyhow::Result<Wave> {
     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
     let cmds: Vec<Command> = hosts.iter().map(|h| command(*h, body)).collect();
@@ -298,7 +323,7 @@ async fn unicast(
                 .await;
         })
     };
-    let mut wave = Wave::new("bare_unicast", hosts.len());
+    let mut wave = Wave::new(name, hosts.len());
     let until = start + deadline;
     let mut publish_failed = 0;
     let mut early: Vec<(HostId, Instant, bool)> = Vec::new();

@@ -70,6 +70,23 @@ impl Wave {
     }
 }
 
+/// The wave of median duration (the shorter of the two middle ones for an even count). Panics
+/// on an empty slice.
+pub fn median_wave(waves: &[Wave]) -> &Wave {
+    let mut by_time: Vec<&Wave> = waves.iter().collect();
+    by_time.sort_by_key(|w| w.elapsed);
+    by_time[(by_time.len() - 1) / 2]
+}
+
+/// `base` alone for a single wave, `base i/n` (from 1) when there are several.
+pub fn wave_name(base: &str, i: usize, n: usize) -> String {
+    if n <= 1 {
+        base.to_owned()
+    } else {
+        format!("{base} {}/{n}", i + 1)
+    }
+}
+
 /// p50/p90/p99/p99.9/max/mean of a histogram of microseconds, in milliseconds.
 pub fn percentiles(h: &Histogram<u64>) -> Value {
     let ms = |v: u64| v as f64 / 1000.0;
@@ -278,6 +295,22 @@ mod tests {
         let pts: Vec<(f64, f64)> = (0..10).map(|x| (x as f64, 3.0 * x as f64 + 7.0)).collect();
         assert!((slope(&pts) - 3.0).abs() < 1e-9);
         assert_eq!(slope(&[(1.0, 1.0)]), 0.0);
+    }
+
+    #[test]
+    fn the_median_wave_is_the_middle_one_by_duration() {
+        let wave = |name: &str, ms: u64| {
+            let mut w = Wave::new(name, 1);
+            w.elapsed = Duration::from_millis(ms);
+            w
+        };
+        let waves = [wave("a", 900), wave("b", 300), wave("c", 500)];
+        assert_eq!(median_wave(&waves).name, "c");
+        // Even count: the shorter of the two middle ones.
+        assert_eq!(median_wave(&waves[..2]).name, "b");
+        assert_eq!(median_wave(&waves[..1]).name, "a");
+        assert_eq!(wave_name("api_run", 0, 1), "api_run");
+        assert_eq!(wave_name("api_run", 1, 3), "api_run 2/3");
     }
 
     #[test]

@@ -26,7 +26,7 @@ use tokio_util::sync::CancellationToken;
 use crate::bare::{self, BareOptions, BareResult};
 use crate::enroller::{self, EnrollOptions, Enrolled};
 use crate::fleet::{Fleet, FleetConfig, Login};
-use crate::measure::{mean, percentiles, slope, Sampler, Wave};
+use crate::measure::{mean, median_wave, percentiles, slope, wave_name, Sampler, Wave};
 use crate::report::{latency_over_time, Figure, Plot, Report, Series};
 use crate::rig::{self, Api, Broker, NodeOptions, NodeProc};
 
@@ -97,6 +97,11 @@ pub struct Common {
     /// sooner than 256 (fewer requests waiting on their answer) and than 4,096 (docs/performance.md).
     #[arg(long, default_value_t = 1024)]
     pub concurrency: usize,
+    /// Waves of the same command (apply, run): the bare unicast and the API wave each run this
+    /// many times on the same hosts, and the figures compare their median waves. Every wave is
+    /// in the report.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=20))]
+    pub waves: u16,
     /// Hard bound of the whole run, in seconds.
     #[arg(long, default_value_t = 3600)]
     pub deadline_s: u64,
@@ -142,7 +147,7 @@ impl Ctx {
             "own_credentials": c.own_credentials, "enroll_rate": c.enroll_rate,
             "enroll_concurrency": c.enroll_concurrency, "heartbeat_s": c.heartbeat_s,
             "fail_fraction": c.fail_fraction, "slow_fraction": c.slow_fraction, "slow_ms": c.slow_ms,
-            "concurrency": c.concurrency,
+            "concurrency": c.concurrency, "waves": c.waves,
         });
         Ctx {
             report: Report::new(scenario, params),
@@ -408,11 +413,14 @@ async fn bare_phase(
             body,
             deadline: Duration::from_secs(ctx.c.deadline_s.min(1800)),
             broadcast,
+            waves: usize::from(ctx.c.waves),
         },
         &ctx.shutdown,
     )
     .await?;
-    ctx.report.waves.push(r.unicast.summary());
+    ctx.report
+        .waves
+        .extend(r.unicasts.iter().map(|w| w.summary()));
     if let Some(b) = &r.broadcast {
         ctx.report.waves.push(b.summary());
     }
@@ -472,7 +480,7 @@ pub async fn enroll(ctx: &mut Ctx) -> anyhow::Result<()> {
             .goal("≥ 10,000 hosts/min", per_min >= 10_000.0);
         if let Some(b) = &bare {
             // An enrollment is one request and one reply: compare with the bare round trips.
-            f = f.vs_bare(b.unicast.throughput() * 60.0);
+            f = f.vs_bare(b.unicast().throughput() * 60.0);
         }
         ctx.report.figures.push(f);
         ctx.report.figures.push(Figure::new(
@@ -784,32 +792,45 @@ pub async fn api_wave_scenario(ctx: &mut Ctx, op: ApiOp) -> anyhow::Result<()> {
             ids.len(),
             ctx.c.concurrency
         );
-        let t0 = ctx.started.elapsed().as_secs_f64();
-        let (wave, _) = api_wave(
-            name,
-            &rig.apis,
-            &ids,
-            &op,
-            ctx.c.concurrency,
-            Duration::from_secs(ctx.c.deadline_s),
-            None,
-        )
-        .await?;
-        let t1 = ctx.started.elapsed().as_secs_f64();
-        eprintln!(
-            "{name}: {} of {} answered in {:.2} s ({:.0}/s)",
-            wave.answered,
-            wave.expected,
-            wave.elapsed.as_secs_f64(),
-            wave.throughput()
-        );
-        let during = sampler.window(t0, t1);
-        ctx.report.phases.push(json!({
-            "phase": name,
-            "node_cpu_pct": mean(&during, |s| s.node_cpu_pct),
-            "broker_cpu_pct": mean(&during, |s| s.broker_cpu_pct),
-            "loadtest_cpu_pct": mean(&during, |s| s.self_cpu_pct),
-        }));
+        let n_waves = usize::from(ctx.c.waves);
+        let mut waves = Vec::with_capacity(n_waves);
+        let mut cpu_per_answer = Vec::with_capacity(n_waves);
+        for i in 0..n_waves {
+            let wave_name = wave_name(name, i, n_waves);
+            let t0 = ctx.started.elapsed().as_secs_f64();
+            let (wave, _) = api_wave(
+                &wave_name,
+                &rig.apis,
+                &ids,
+                &op,
+                ctx.c.concurrency,
+                Duration::from_secs(ctx.c.deadline_s),
+                None,
+            )
+            .await?;
+            let t1 = ctx.started.elapsed().as_secs_f64();
+            eprintln!(
+                "{wave_name}: {} of {} answered in {:.2} s ({:.0}/s)",
+                wave.answered,
+                wave.expected,
+                wave.elapsed.as_secs_f64(),
+                wave.throughput()
+            );
+            let during = sampler.window(t0, t1);
+            let node_cpu_pct = mean(&during, |s| s.node_cpu_pct);
+            // The node's CPU time per answer: the whole wave's, over its answers.
+            let per_answer = node_cpu_pct / 100.0 * wave.elapsed.as_secs_f64() * 1000.0
+                / wave.answered.max(1) as f64;
+            ctx.report.phases.push(json!({
+                "phase": wave_name,
+                "node_cpu_pct": node_cpu_pct,
+                "broker_cpu_pct": mean(&during, |s| s.broker_cpu_pct),
+                "loadtest_cpu_pct": mean(&during, |s| s.self_cpu_pct),
+                "node_cpu_ms_per_answer": per_answer,
+            }));
+            cpu_per_answer.push(per_answer);
+            waves.push(wave);
+        }
         // The node's own view of the wave (round trips, dispatches, store errors), kept beside
         // the report for the analysis.
         {
@@ -822,20 +843,26 @@ pub async fn api_wave_scenario(ctx: &mut Ctx, op: ApiOp) -> anyhow::Result<()> {
         }
         let tallies = fleet.tallies();
         let replied = tallies.iter().filter(|t| t.replied > 0).count();
+        // Each host gets one command per wave.
+        let per_host = u32::from(ctx.c.waves);
         let duplicated: u32 = tallies
             .iter()
-            .map(|t| t.duplicates + t.received.saturating_sub(1))
+            .map(|t| t.duplicates + t.received.saturating_sub(per_host))
             .sum();
+        let answered: usize = waves.iter().map(|w| w.answered).sum();
+        let failed: usize = waves.iter().map(|w| w.failed).sum();
+        let expected = ids.len() * n_waves;
         ctx.report.counts = json!({
-            "expected": ids.len(),
-            "counted": wave.answered,
-            "answered_ok": wave.answered - wave.failed,
-            "failed": wave.failed,
-            "unanswered": ids.len() - wave.answered,
+            "expected": expected,
+            "counted": answered,
+            "answered_ok": answered - failed,
+            "failed": failed,
+            "unanswered": expected - answered,
             "hosts_that_replied": replied,
             "duplicated_commands": duplicated,
         });
         fleet.stop().await;
+        let wave = median_wave(&waves);
         let secs = wave.elapsed.as_secs_f64();
         let mut last = Figure::new("time until the last host answered", secs, "s");
         let mut tput = Figure::new("throughput", wave.throughput(), "answers/s");
@@ -843,16 +870,30 @@ pub async fn api_wave_scenario(ctx: &mut Ctx, op: ApiOp) -> anyhow::Result<()> {
         let p99 = wave.latency.value_at_quantile(0.99) as f64 / 1000.0;
         let mut f50 = Figure::new("latency p50", p50, "ms");
         let mut f99 = Figure::new("latency p99", p99, "ms");
-        let mut series = latency_over_time(name, &wave.points, 60);
+        let mut series = latency_over_time(&wave.name, &wave.points, 60);
+        cpu_per_answer.sort_by(f64::total_cmp);
+        let node_cpu = Figure::new(
+            "node CPU per answer",
+            cpu_per_answer[(cpu_per_answer.len() - 1) / 2],
+            "ms",
+        );
+        if n_waves > 1 {
+            ctx.report.notes.push(format!(
+                "{n_waves} API waves on the same hosts (and as many bare unicast waves, unless \
+                 --no-bare): the figures are the median waves ({}); every wave is listed below.",
+                wave.name
+            ));
+        }
         if let Some(b) = &bare {
-            let bs = b.unicast.elapsed.as_secs_f64();
+            let bu = b.unicast();
+            let bs = bu.elapsed.as_secs_f64();
             last = last
                 .vs_bare(bs)
                 .goal("≤ 1.25× bare unicast", secs <= 1.25 * bs);
-            tput = tput.vs_bare(b.unicast.throughput());
-            f50 = f50.vs_bare(b.unicast.latency.value_at_quantile(0.5) as f64 / 1000.0);
-            f99 = f99.vs_bare(b.unicast.latency.value_at_quantile(0.99) as f64 / 1000.0);
-            series.extend(latency_over_time("bare unicast", &b.unicast.points, 60));
+            tput = tput.vs_bare(bu.throughput());
+            f50 = f50.vs_bare(bu.latency.value_at_quantile(0.5) as f64 / 1000.0);
+            f99 = f99.vs_bare(bu.latency.value_at_quantile(0.99) as f64 / 1000.0);
+            series.extend(latency_over_time("bare unicast", &bu.points, 60));
             if let Some(bc) = &b.broadcast {
                 ctx.report.figures.push(
                     Figure::new(
@@ -864,8 +905,10 @@ pub async fn api_wave_scenario(ctx: &mut Ctx, op: ApiOp) -> anyhow::Result<()> {
                 );
             }
         }
-        ctx.report.figures.extend([last, tput, f50, f99]);
-        ctx.report.waves.insert(0, wave.summary());
+        ctx.report.figures.extend([last, tput, f50, f99, node_cpu]);
+        for (i, w) in waves.iter().enumerate() {
+            ctx.report.waves.insert(i, w.summary());
+        }
         ctx.report.plots.push(Plot {
             file: "latency-over-time.svg".into(),
             title: format!("{name}: latency over time ({} hosts)", ids.len()),
@@ -1035,7 +1078,7 @@ pub async fn bare_only(ctx: &mut Ctx) -> anyhow::Result<()> {
     ctx.report.samples = sampler.stop().await;
     add_resource_plot(&mut ctx.report);
     let r = r?.context("bare skipped")?;
-    let u = &r.unicast;
+    let u = r.unicast();
     ctx.report.figures.push(Figure::new(
         "unicast: time until the last host answered",
         u.elapsed.as_secs_f64(),
@@ -1059,9 +1102,10 @@ pub async fn bare_only(ctx: &mut Ctx) -> anyhow::Result<()> {
         );
         series.extend(latency_over_time("broadcast", &b.points, 60));
     }
+    let waves = r.unicasts.len();
     ctx.report.counts = json!({
-        "expected": ctx.c.hosts,
-        "counted": u.answered,
+        "expected": ctx.c.hosts * waves,
+        "counted": r.unicasts.iter().map(|w| w.answered).sum::<usize>(),
         "unicast_answered": u.answered,
         "broadcast_answered": r.broadcast.as_ref().map(|b| b.answered),
     });

@@ -82,7 +82,16 @@ fn check_structure(r: &Value, dir: &Path) {
     );
     assert!(r["machine"]["rabbitmq"].is_string(), "{}", r["machine"]);
     assert!(!r["figures"].as_array().unwrap().is_empty(), "no figures");
-    assert_eq!(r["counts"]["expected"], HOSTS, "{}", r["counts"]);
+    // One answer per host and wave.
+    let waves = r["params"]["common"]["waves"]
+        .as_u64()
+        .expect("waves in the parameters");
+    assert_eq!(
+        r["counts"]["expected"],
+        HOSTS as u64 * waves,
+        "{}",
+        r["counts"]
+    );
     assert!(!r["samples"].as_array().unwrap().is_empty(), "no samples");
     let md = read(&dir.join("report.md"));
     assert!(md.contains("## Figures"), "{md}");
@@ -173,8 +182,9 @@ fn apply_answers_every_host_through_the_api_and_counts_injected_failures() {
 }
 
 #[test]
-fn run_answers_every_host_through_the_api() {
-    // Also the node on a CPU of its own (`taskset -c`), as docs/performance.md does.
+fn run_answers_every_host_through_the_api_in_every_wave() {
+    // Also the node on a CPU of its own (`taskset -c`), as docs/performance.md does, and two
+    // waves on the same hosts.
     let (r, _dir) = run(&[
         "run",
         "--slow-fraction",
@@ -183,16 +193,31 @@ fn run_answers_every_host_through_the_api() {
         "200",
         "--node-cpus",
         "0",
+        "--waves",
+        "2",
     ]);
     let notes = r["notes"].to_string();
     assert!(notes.contains("node 1 ran on CPUs 0\""), "{notes}");
+    assert!(notes.contains("2 API waves"), "{notes}");
     let c = &r["counts"];
-    assert_eq!(c["counted"], HOSTS, "{c}");
-    assert_eq!(c["answered_ok"], HOSTS, "{c}");
+    assert_eq!(c["expected"], 2 * HOSTS, "{c}");
+    assert_eq!(c["counted"], 2 * HOSTS, "{c}");
+    assert_eq!(c["answered_ok"], 2 * HOSTS, "{c}");
+    assert_eq!(c["hosts_that_replied"], HOSTS, "{c}");
     assert_eq!(c["duplicated_commands"], 0, "{c}");
+    let mut max = 0.0f64;
+    for name in ["api_run 1/2", "api_run 2/2"] {
+        let w = wave(&r, name);
+        assert_eq!(w["answered"], HOSTS, "{w}");
+        max = max.max(w["latency_ms"]["max"].as_f64().unwrap());
+    }
+    for name in ["bare_unicast 1/2", "bare_unicast 2/2"] {
+        assert_eq!(wave(&r, name)["answered"], HOSTS);
+    }
     // A 200 ms slow answer is in the tail.
-    let max = wave(&r, "api_run")["latency_ms"]["max"].as_f64().unwrap();
     assert!(max >= 200.0, "max {max} ms");
+    let cpu = figure(&r, "node CPU per answer")["value"].as_f64().unwrap();
+    assert!(cpu > 0.0, "node CPU per answer {cpu} ms");
 }
 
 #[test]
