@@ -30,7 +30,7 @@ use tokio::sync::Mutex;
 use tokio_util::sync::CancellationToken;
 
 use crate::fleet::{Fleet, FleetConfig, Login};
-use crate::measure::Wave;
+use crate::measure::{CpuMeter, Wave};
 use crate::rig::Broker;
 
 /// The node's default prefetch per shard queue.
@@ -303,6 +303,7 @@ async fn unicast(
     }
     drop(tx);
     let exchange = names.down_exchange();
+    let meter = CpuMeter::start(&[]);
     let start = Instant::now();
     let (stx, mut srx) = tokio::sync::mpsc::unbounded_channel();
     let publisher = {
@@ -349,6 +350,7 @@ async fn unicast(
         });
     }
     wave.elapsed = start.elapsed();
+    wave.cpu = Some(meter.end(wave.answered));
     publisher.abort();
     replies.waiting.lock().await.clear();
     if publish_failed > 0 {
@@ -369,6 +371,7 @@ async fn broadcast(
     // One command for all: its host is the first host's (each simulated host answers as itself).
     let cmd = command(hosts[0], body);
     replies.waiting.lock().await.insert(cmd.id, tx);
+    let meter = CpuMeter::start(&[]);
     let start = Instant::now();
     bus.publish(exchange, "", OutMessage::json("command", cmd.encode()))
         .await
@@ -388,6 +391,7 @@ async fn broadcast(
         }
     }
     wave.elapsed = start.elapsed();
+    wave.cpu = Some(meter.end(wave.answered));
     replies.waiting.lock().await.clear();
     Ok(wave)
 }

@@ -20,6 +20,55 @@ pub struct Wave {
     pub latency: Histogram<u64>,
     /// (seconds since the wave began, latency in ms) per answer, for the latency-over-time plot.
     pub points: Vec<(f64, f64)>,
+    /// CPU time per answer of the processes underneath, over the wave ([`CpuMeter`]).
+    pub cpu: Option<CpuPerAnswer>,
+}
+
+/// Milliseconds of CPU time per answer over one wave: the broker's, this process's (the
+/// simulated fleet and the driver or API client), the node(s)' (absent in bare waves).
+#[derive(Clone, Copy, Debug, Serialize)]
+pub struct CpuPerAnswer {
+    pub broker_ms: Option<f64>,
+    pub loadtest_ms: f64,
+    pub node_ms: Option<f64>,
+}
+
+/// Reads the CPU time of the broker, this process and the node(s) at the start of a wave; `end`
+/// divides what each used by the wave's answers.
+pub struct CpuMeter {
+    broker: Option<(u32, u64)>,
+    me: u64,
+    nodes: Vec<u32>,
+    nodes_at: u64,
+}
+
+impl CpuMeter {
+    pub fn start(nodes: &[u32]) -> CpuMeter {
+        let broker = broker_pid().and_then(|p| proc_stat(p).map(|(t, _)| (p, t)));
+        CpuMeter {
+            broker,
+            me: proc_stat(std::process::id()).map_or(0, |x| x.0),
+            nodes: nodes.to_vec(),
+            nodes_at: ticks_of(nodes),
+        }
+    }
+
+    pub fn end(&self, answers: usize) -> CpuPerAnswer {
+        let ms = |ticks: u64| ticks as f64 / ticks_per_s() * 1000.0 / answers.max(1) as f64;
+        let me = proc_stat(std::process::id()).map_or(0, |x| x.0);
+        CpuPerAnswer {
+            broker_ms: self
+                .broker
+                .and_then(|(p, t)| proc_stat(p).map(|(now, _)| ms(now.saturating_sub(t)))),
+            loadtest_ms: ms(me.saturating_sub(self.me)),
+            node_ms: (!self.nodes.is_empty())
+                .then(|| ms(ticks_of(&self.nodes).saturating_sub(self.nodes_at))),
+        }
+    }
+}
+
+fn ticks_of(pids: &[u32]) -> u64 {
+    pids.iter().filter_map(|p| proc_stat(*p)).map(|x| x.0).sum()
 }
 
 impl Wave {
@@ -32,6 +81,7 @@ impl Wave {
             elapsed: Duration::ZERO,
             latency: Histogram::new_with_bounds(1, 3_600_000_000, 3).expect("valid bounds"),
             points: Vec::with_capacity(expected),
+            cpu: None,
         }
     }
 
@@ -66,6 +116,7 @@ impl Wave {
             "elapsed_s": self.elapsed.as_secs_f64(),
             "throughput_per_s": self.throughput(),
             "latency_ms": percentiles(&self.latency),
+            "cpu_ms_per_answer": self.cpu,
         })
     }
 }

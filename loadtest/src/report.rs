@@ -155,14 +155,14 @@ impl Report {
             let _ = writeln!(md, "## Waves (one command per host)\n");
             let _ = writeln!(
                 md,
-                "| wave | answered / expected | failed | until the last answer | throughput | p50 | p90 | p99 | p99.9 | max (ms) |"
+                "| wave | answered / expected | failed | until the last answer | throughput | p50 | p90 | p99 | p99.9 | max (ms) | CPU ms per answer: broker / loadtest / node |"
             );
-            let _ = writeln!(md, "|---|---|---|---|---|---|---|---|---|---|");
+            let _ = writeln!(md, "|---|---|---|---|---|---|---|---|---|---|---|");
             for w in &self.waves {
                 let l = &w["latency_ms"];
                 let _ = writeln!(
                     md,
-                    "| {} | {} / {} | {} | {:.2} s | {:.0}/s | {} | {} | {} | {} | {} |",
+                    "| {} | {} / {} | {} | {:.2} s | {:.0}/s | {} | {} | {} | {} | {} | {} / {} / {} |",
                     w["name"].as_str().unwrap_or("?"),
                     w["answered"],
                     w["expected"],
@@ -174,6 +174,9 @@ impl Report {
                     ms(&l["p99"]),
                     ms(&l["p999"]),
                     ms(&l["max"]),
+                    cpu(&w["cpu_ms_per_answer"]["broker_ms"]),
+                    cpu(&w["cpu_ms_per_answer"]["loadtest_ms"]),
+                    cpu(&w["cpu_ms_per_answer"]["node_ms"]),
                 );
             }
             md.push('\n');
@@ -204,6 +207,11 @@ impl Report {
 
 fn ms(v: &Value) -> String {
     v.as_f64().map_or("—".into(), |x| format!("{x:.1}"))
+}
+
+/// A CPU time per answer (ms), to three decimals; "—" when not measured.
+fn cpu(v: &Value) -> String {
+    v.as_f64().map_or("—".into(), |x| format!("{x:.3}"))
 }
 
 /// A number with a sensible number of digits.

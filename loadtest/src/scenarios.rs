@@ -26,7 +26,7 @@ use tokio_util::sync::CancellationToken;
 use crate::bare::{self, BareOptions, BareResult};
 use crate::enroller::{self, EnrollOptions, Enrolled};
 use crate::fleet::{Fleet, FleetConfig, Login};
-use crate::measure::{mean, median_wave, percentiles, slope, wave_name, Sampler, Wave};
+use crate::measure::{mean, median_wave, percentiles, slope, wave_name, CpuMeter, Sampler, Wave};
 use crate::report::{latency_over_time, Figure, Plot, Report, Series};
 use crate::rig::{self, Api, Broker, NodeOptions, NodeProc};
 
@@ -798,7 +798,8 @@ pub async fn api_wave_scenario(ctx: &mut Ctx, op: ApiOp) -> anyhow::Result<()> {
         for i in 0..n_waves {
             let wave_name = wave_name(name, i, n_waves);
             let t0 = ctx.started.elapsed().as_secs_f64();
-            let (wave, _) = api_wave(
+            let meter = CpuMeter::start(&rig.pids());
+            let (mut wave, _) = api_wave(
                 &wave_name,
                 &rig.apis,
                 &ids,
@@ -809,6 +810,8 @@ pub async fn api_wave_scenario(ctx: &mut Ctx, op: ApiOp) -> anyhow::Result<()> {
             )
             .await?;
             let t1 = ctx.started.elapsed().as_secs_f64();
+            let cpu = meter.end(wave.answered);
+            wave.cpu = Some(cpu);
             eprintln!(
                 "{wave_name}: {} of {} answered in {:.2} s ({:.0}/s)",
                 wave.answered,
@@ -817,18 +820,13 @@ pub async fn api_wave_scenario(ctx: &mut Ctx, op: ApiOp) -> anyhow::Result<()> {
                 wave.throughput()
             );
             let during = sampler.window(t0, t1);
-            let node_cpu_pct = mean(&during, |s| s.node_cpu_pct);
-            // The node's CPU time per answer: the whole wave's, over its answers.
-            let per_answer = node_cpu_pct / 100.0 * wave.elapsed.as_secs_f64() * 1000.0
-                / wave.answered.max(1) as f64;
             ctx.report.phases.push(json!({
                 "phase": wave_name,
-                "node_cpu_pct": node_cpu_pct,
+                "node_cpu_pct": mean(&during, |s| s.node_cpu_pct),
                 "broker_cpu_pct": mean(&during, |s| s.broker_cpu_pct),
                 "loadtest_cpu_pct": mean(&during, |s| s.self_cpu_pct),
-                "node_cpu_ms_per_answer": per_answer,
             }));
-            cpu_per_answer.push(per_answer);
+            cpu_per_answer.push(cpu.node_ms.unwrap_or_default());
             waves.push(wave);
         }
         // The node's own view of the wave (round trips, dispatches, store errors), kept beside

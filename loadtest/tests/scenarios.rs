@@ -210,9 +210,17 @@ fn run_answers_every_host_through_the_api_in_every_wave() {
         let w = wave(&r, name);
         assert_eq!(w["answered"], HOSTS, "{w}");
         max = max.max(w["latency_ms"]["max"].as_f64().unwrap());
+        // The CPU each process spent on the wave, per answer.
+        let cpu = &w["cpu_ms_per_answer"];
+        assert!(cpu["node_ms"].as_f64().unwrap() > 0.0, "{w}");
+        assert!(cpu["loadtest_ms"].as_f64().unwrap() >= 0.0, "{w}");
     }
     for name in ["bare_unicast 1/2", "bare_unicast 2/2"] {
-        assert_eq!(wave(&r, name)["answered"], HOSTS);
+        let w = wave(&r, name);
+        assert_eq!(w["answered"], HOSTS);
+        // No node in a bare wave.
+        assert!(w["cpu_ms_per_answer"]["node_ms"].is_null(), "{w}");
+        assert!(w["cpu_ms_per_answer"]["loadtest_ms"].is_number(), "{w}");
     }
     // A 200 ms slow answer is in the tail.
     assert!(max >= 200.0, "max {max} ms");
