@@ -794,7 +794,6 @@ pub async fn api_wave_scenario(ctx: &mut Ctx, op: ApiOp) -> anyhow::Result<()> {
         );
         let n_waves = usize::from(ctx.c.waves);
         let mut waves = Vec::with_capacity(n_waves);
-        let mut cpu_per_answer = Vec::with_capacity(n_waves);
         for i in 0..n_waves {
             let wave_name = wave_name(name, i, n_waves);
             let t0 = ctx.started.elapsed().as_secs_f64();
@@ -810,8 +809,7 @@ pub async fn api_wave_scenario(ctx: &mut Ctx, op: ApiOp) -> anyhow::Result<()> {
             )
             .await?;
             let t1 = ctx.started.elapsed().as_secs_f64();
-            let cpu = meter.end(wave.answered);
-            wave.cpu = Some(cpu);
+            wave.cpu = Some(meter.end(wave.answered));
             eprintln!(
                 "{wave_name}: {} of {} answered in {:.2} s ({:.0}/s)",
                 wave.answered,
@@ -826,7 +824,6 @@ pub async fn api_wave_scenario(ctx: &mut Ctx, op: ApiOp) -> anyhow::Result<()> {
                 "broker_cpu_pct": mean(&during, |s| s.broker_cpu_pct),
                 "loadtest_cpu_pct": mean(&during, |s| s.self_cpu_pct),
             }));
-            cpu_per_answer.push(cpu.node_ms.unwrap_or_default());
             waves.push(wave);
         }
         // The node's own view of the wave (round trips, dispatches, store errors), kept beside
@@ -869,10 +866,9 @@ pub async fn api_wave_scenario(ctx: &mut Ctx, op: ApiOp) -> anyhow::Result<()> {
         let mut f50 = Figure::new("latency p50", p50, "ms");
         let mut f99 = Figure::new("latency p99", p99, "ms");
         let mut series = latency_over_time(&wave.name, &wave.points, 60);
-        cpu_per_answer.sort_by(f64::total_cmp);
         let node_cpu = Figure::new(
             "node CPU per answer",
-            cpu_per_answer[(cpu_per_answer.len() - 1) / 2],
+            wave.cpu.and_then(|c| c.node_ms).unwrap_or_default(),
             "ms",
         );
         if n_waves > 1 {
@@ -904,9 +900,9 @@ pub async fn api_wave_scenario(ctx: &mut Ctx, op: ApiOp) -> anyhow::Result<()> {
             }
         }
         ctx.report.figures.extend([last, tput, f50, f99, node_cpu]);
-        for (i, w) in waves.iter().enumerate() {
-            ctx.report.waves.insert(i, w.summary());
-        }
+        ctx.report
+            .waves
+            .splice(0..0, waves.iter().map(Wave::summary));
         ctx.report.plots.push(Plot {
             file: "latency-over-time.svg".into(),
             title: format!("{name}: latency over time ({} hosts)", ids.len()),

@@ -213,7 +213,7 @@ fn run_answers_every_host_through_the_api_in_every_wave() {
         // The CPU each process spent on the wave, per answer.
         let cpu = &w["cpu_ms_per_answer"];
         assert!(cpu["node_ms"].as_f64().unwrap() > 0.0, "{w}");
-        assert!(cpu["loadtest_ms"].as_f64().unwrap() >= 0.0, "{w}");
+        assert!(cpu["loadtest_ms"].is_number(), "{w}");
     }
     for name in ["bare_unicast 1/2", "bare_unicast 2/2"] {
         let w = wave(&r, name);
