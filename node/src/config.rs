@@ -35,6 +35,10 @@ pub struct NodeConfig {
     pub offline_after_missed: u32,
     /// Deliveries in flight per shard queue.
     pub prefetch: u16,
+    /// Threads the host actors are spread over (actix arbiters).
+    pub arbiters: usize,
+    /// Threads of the async runtime (API, store calls, broker I/O); unset: one per core.
+    pub worker_threads: Option<usize>,
     /// `text` or `json`.
     pub log_format: String,
     pub log: String,
@@ -88,6 +92,8 @@ impl Default for NodeConfig {
             heartbeat_s: 300,
             offline_after_missed: 3,
             prefetch: 256,
+            arbiters: 2,
+            worker_threads: None,
             log_format: "text".into(),
             log: "info".into(),
             store: "embedded".into(),
@@ -134,6 +140,10 @@ pub struct Overrides {
     pub offline_after_missed: Option<u32>,
     #[arg(long, env = "COMODIT_PREFETCH")]
     pub prefetch: Option<u16>,
+    #[arg(long, env = "COMODIT_ARBITERS")]
+    pub arbiters: Option<usize>,
+    #[arg(long, env = "COMODIT_WORKER_THREADS")]
+    pub worker_threads: Option<usize>,
     #[arg(long, env = "COMODIT_LOG_FORMAT")]
     pub log_format: Option<String>,
     #[arg(long, env = "COMODIT_LOG")]
@@ -198,6 +208,7 @@ impl NodeConfig {
             heartbeat_s,
             offline_after_missed,
             prefetch,
+            arbiters,
             log_format,
             log,
             store
@@ -207,6 +218,7 @@ impl NodeConfig {
         }
         take_some!(
             postgres_url,
+            worker_threads,
             cluster_id,
             cluster_listen,
             cluster_secret,
@@ -244,6 +256,12 @@ impl NodeConfig {
         }
         if self.prefetch == 0 {
             return invalid("prefetch", "must be positive");
+        }
+        if !(1..=64).contains(&self.arbiters) {
+            return invalid("arbiters", "must be 1..=64");
+        }
+        if self.worker_threads.is_some_and(|n| !(1..=256).contains(&n)) {
+            return invalid("worker_threads", "must be 1..=256");
         }
         if !matches!(self.log_format.as_str(), "text" | "json") {
             return invalid("log_format", "text or json");
@@ -380,6 +398,36 @@ mod tests {
         std::fs::write(&path, "n_shard = 16\n").unwrap();
         let err = NodeConfig::load(Some(&path), &Overrides::default()).unwrap_err();
         assert!(err.to_string().contains("n_shard"), "{err}");
+    }
+
+    #[test]
+    fn thread_counts_are_bounded() {
+        let cfg = NodeConfig::load(
+            None,
+            &Overrides {
+                arbiters: Some(1),
+                worker_threads: Some(3),
+                ..Default::default()
+            },
+        )
+        .unwrap();
+        assert_eq!((cfg.arbiters, cfg.worker_threads), (1, Some(3)));
+        for (arbiters, worker_threads, field) in [
+            (0, None, "arbiters"),
+            (65, None, "arbiters"),
+            (2, Some(0), "worker_threads"),
+            (2, Some(257), "worker_threads"),
+        ] {
+            let err = NodeConfig {
+                arbiters,
+                worker_threads,
+                ..Default::default()
+            }
+            .validate()
+            .unwrap_err()
+            .to_string();
+            assert!(err.contains(field), "{field}: {err}");
+        }
     }
 
     #[test]

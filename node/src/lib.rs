@@ -242,6 +242,7 @@ pub async fn run(
             heartbeat_s: config.heartbeat_s,
             offline_after_missed: config.offline_after_missed,
             prefetch: config.prefetch,
+            arbiters: config.arbiters,
             node_user: config.broker_user(),
             ..ActorsConfig::default()
         },
