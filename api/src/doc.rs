@@ -197,8 +197,10 @@ fn idempotency_key() -> Parameter {
         .required(Required::False)
         .description(Some(
             "The same key from the same token within 24 hours gets the first response again \
-             instead of running the request twice. Kept in memory on the node that answered \
-             (bounded, least recently used evicted first, lost on restart).",
+             (header `idempotent-replayed: true`) instead of running the request twice, from \
+             any node of a cluster and after a restart (keys are kept in the store). The same \
+             key with a different request is refused (422); while the first request runs, a \
+             retry gets 409. Responses with a 5xx status are not kept.",
         ))
         .schema(Some(
             utoipa::openapi::ObjectBuilder::new()

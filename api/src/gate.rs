@@ -22,9 +22,10 @@ use chrono::Utc;
 use comodit_store::AuditEntry;
 
 use crate::auth::{allowed, authenticate, resolve, rule, Caller};
-use crate::idempotency::{Begin, IdempotencyCache, Stored, MAX_KEY_BYTES};
+use crate::idempotency::{self, Claim, MAX_KEY_BYTES};
 use crate::problem::{ApiError, ProblemSummary};
 use crate::Shared;
+use comodit_store::IdempotencyClaim;
 
 /// Set on a response that replays the first response to the same `Idempotency-Key`.
 pub const IDEMPOTENT_REPLAYED: &str = "idempotent-replayed";
@@ -129,25 +130,40 @@ async fn idempotent(
         .path_and_query()
         .map(|p| p.as_str())
         .unwrap_or("/");
-    let fingerprint = IdempotencyCache::fingerprint(parts.method.as_str(), pq, &bytes);
-    let guard = match app.idempotency.begin(caller.token.id, key, fingerprint) {
-        Begin::Proceed(g) => g,
-        Begin::Replay(stored) => {
-            let mut resp = Response::new(Body::from(stored.body.clone()));
-            *resp.status_mut() = stored.status;
-            *resp.headers_mut() = stored.headers.clone();
+    let fingerprint = idempotency::fingerprint(parts.method.as_str(), pq, &bytes);
+    let limits = &app.state.limits;
+    let now = Utc::now();
+    let lease_until = now + chrono::Duration::seconds(limits.idempotency_lease_s as i64);
+    let store = app.state.store.clone();
+    let token = caller.token.id;
+    let claimed = store
+        .claim_idempotency_key(token, &key, &fingerprint, now, lease_until)
+        .await?;
+    let claim = match claimed {
+        IdempotencyClaim::Claimed => Claim {
+            store,
+            token,
+            key,
+            fingerprint,
+            done: false,
+        },
+        IdempotencyClaim::Replay(kept) => {
+            let (status, headers) = idempotency::replay_head(&kept);
+            let mut resp = Response::new(Body::from(kept.body));
+            *resp.status_mut() = status;
+            *resp.headers_mut() = headers;
             resp.headers_mut()
                 .insert(IDEMPOTENT_REPLAYED, HeaderValue::from_static("true"));
             return Ok(resp);
         }
-        Begin::InProgress => {
+        IdempotencyClaim::InProgress => {
             return Err(ApiError::new(
                 StatusCode::CONFLICT,
                 "idempotency-in-progress",
                 "the first request with this Idempotency-Key has not finished; retry later",
             ))
         }
-        Begin::Mismatch => {
+        IdempotencyClaim::Mismatch => {
             return Err(ApiError::new(
                 StatusCode::UNPROCESSABLE_ENTITY,
                 "idempotency-key-reused",
@@ -159,28 +175,27 @@ async fn idempotent(
     let resp = next
         .run(Request::from_parts(parts, Body::from(bytes)))
         .await;
+    let keep_until = Utc::now() + chrono::Duration::seconds(limits.idempotency_ttl_s as i64);
+    let max = limits.idempotency_max_bytes;
     let keepable = !resp.status().is_server_error()
         && resp
             .body()
             .size_hint()
             .exact()
-            .is_some_and(|n| n <= app.state.limits.idempotency_max_bytes as u64);
+            .is_some_and(|n| n <= max as u64);
     if !keepable {
-        guard.complete(None);
+        claim.finish(None, keep_until).await;
         return Ok(resp);
     }
     let (parts, body) = resp.into_parts();
-    match axum::body::to_bytes(body, app.state.limits.idempotency_max_bytes).await {
+    match axum::body::to_bytes(body, max).await {
         Ok(bytes) => {
-            guard.complete(Some(Stored {
-                status: parts.status,
-                headers: parts.headers.clone(),
-                body: bytes.clone(),
-            }));
+            let kept = idempotency::keep(parts.status, &parts.headers, &bytes);
+            claim.finish(kept, keep_until).await;
             Ok(Response::from_parts(parts, Body::from(bytes)))
         }
         Err(_) => {
-            guard.complete(None);
+            claim.finish(None, keep_until).await;
             Err(ApiError::internal("could not read the response body"))
         }
     }

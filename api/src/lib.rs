@@ -40,7 +40,6 @@ mod routes;
 pub mod views;
 
 use std::sync::Arc;
-use std::time::Duration;
 
 use axum::body::Bytes;
 use axum::extract::DefaultBodyLimit;
@@ -54,8 +53,6 @@ use tokio::sync::Semaphore;
 pub use auth::{hash_token, Caller};
 pub use gate::IDEMPOTENT_REPLAYED;
 pub use problem::{ApiError, Problem};
-
-use idempotency::IdempotencyCache;
 
 /// Routes that need no token. They are marked with an empty `security` in the document.
 pub const PUBLIC_PATHS: [&str; 4] = ["/healthz", "/readyz", "/metrics", "/api/v1/openapi.json"];
@@ -78,12 +75,13 @@ pub struct ApiLimits {
     /// How much longer than its wait a submit to the host actors may take before the API gives
     /// up on it with 504 "outcome unknown" (15 s).
     pub submit_grace_s: u64,
-    /// Most `Idempotency-Key` entries kept (10,000).
-    pub idempotency_max_entries: usize,
-    /// Most bytes of kept responses (64 MiB).
+    /// Largest response kept for an `Idempotency-Key` (1 MiB); a larger one is not replayed.
     pub idempotency_max_bytes: usize,
     /// How long a key is replayed (24 h).
     pub idempotency_ttl_s: u64,
+    /// How long a key stays claimed by a request that has not answered (300 s: longer than the
+    /// longest wait plus its grace). A node that dies mid-request leaves its claim to lapse.
+    pub idempotency_lease_s: u64,
     /// Most concurrent `GET /events` streams (256).
     pub max_sse_clients: usize,
     /// Keep-alive comment interval on an idle event stream (15 s).
@@ -100,9 +98,9 @@ impl Default for ApiLimits {
             max_page_size: comodit_store::Page::MAX_LIMIT,
             change_ttl_s: 600,
             submit_grace_s: 15,
-            idempotency_max_entries: 10_000,
-            idempotency_max_bytes: 64 * 1024 * 1024,
+            idempotency_max_bytes: 1024 * 1024,
             idempotency_ttl_s: 24 * 3600,
+            idempotency_lease_s: 300,
             max_sse_clients: 256,
             sse_keep_alive_s: 15,
         }
@@ -155,7 +153,6 @@ pub struct ApiState {
 /// Everything the handlers share.
 pub(crate) struct Shared {
     pub state: ApiState,
-    pub idempotency: Arc<IdempotencyCache>,
     pub sse_slots: Arc<Semaphore>,
     /// The OpenAPI document, serialized once.
     pub openapi_json: Bytes,
@@ -177,11 +174,6 @@ pub fn router(state: ApiState) -> Router {
         Bytes::from(serde_json::to_vec(&document).expect("the OpenAPI document always serializes"));
     let limits = state.limits.clone();
     let app = Arc::new(Shared {
-        idempotency: Arc::new(IdempotencyCache::new(
-            limits.idempotency_max_entries,
-            limits.idempotency_max_bytes,
-            Duration::from_secs(limits.idempotency_ttl_s),
-        )),
         sse_slots: Arc::new(Semaphore::new(limits.max_sse_clients)),
         openapi_json,
         state,

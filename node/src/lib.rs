@@ -293,6 +293,7 @@ pub async fn run(
         cluster,
         limits: Default::default(),
     });
+    tokio::spawn(purge_idempotency_keys(store.clone(), shutdown.clone()));
     let listener = tokio::net::TcpListener::bind(config.listen)
         .await
         .map_err(|source| NodeError::Listen {
@@ -314,6 +315,27 @@ pub async fn run(
     bus_stop.cancel();
     tracing::info!("stopped");
     Ok(())
+}
+
+/// How often the node deletes lapsed idempotency keys.
+const IDEMPOTENCY_PURGE_EVERY: Duration = Duration::from_secs(600);
+
+/// Deletes lapsed idempotency keys every [`IDEMPOTENCY_PURGE_EVERY`] until `shutdown`. Every member
+/// of a cluster does it; a purge is idempotent, so they need not agree on who.
+async fn purge_idempotency_keys(store: Arc<dyn Store>, shutdown: CancellationToken) {
+    let mut every = tokio::time::interval(IDEMPOTENCY_PURGE_EVERY);
+    every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = every.tick() => {}
+        }
+        match store.purge_idempotency_keys(chrono::Utc::now()).await {
+            Ok(0) => {}
+            Ok(n) => tracing::debug!(purged = n, "lapsed idempotency keys deleted"),
+            Err(e) => tracing::warn!(error = %e, "could not delete lapsed idempotency keys"),
+        }
+    }
 }
 
 /// The vhost of an AMQP URL (`%2f` → `/`).

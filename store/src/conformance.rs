@@ -35,7 +35,9 @@
 //!   tokens and settings; `delete_env` its settings;
 //! - an enrollment token whose environment is gone is unusable; `max_uses: Some(0)` is invalid;
 //! - `delete_setting` of a missing key is NotFound;
-//! - `update_change` may move a change between any statuses; the pending index follows.
+//! - `update_change` may move a change between any statuses; the pending index follows;
+//! - an idempotency record lapses at its `expires_at` (a claim at that instant takes it over) and
+//!   `purge_idempotency_keys(now)` removes those strictly before `now`.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt::Debug;
@@ -101,6 +103,8 @@ macro_rules! __conformance_checks {
             applications,
             settings,
             jobs_and_results,
+            idempotency_keys,
+            idempotency_keys_lapse_and_purge,
         }
     };
 }
@@ -2267,4 +2271,209 @@ pub async fn jobs_and_results(store: &dyn Store) {
             .await,
         StoreError::NotFound(_)
     );
+}
+
+fn kept(body: &str) -> KeptResponse {
+    KeptResponse {
+        status: 201,
+        headers: vec![("content-type".into(), "application/json".into())],
+        body: body.into(),
+    }
+}
+
+pub async fn idempotency_keys(store: &dyn Store) {
+    let (alice, bob) = (TokenId::random(), TokenId::random());
+    let (fp, other) = (sha256_hex("POST /a {}"), sha256_hex("POST /a {\"x\":1}"));
+    let at = now();
+    let lease = at + Duration::minutes(10);
+    let keep = at + Duration::hours(24);
+    let claim = |token, key: &'static str, fp: &str| {
+        let fp = fp.to_owned();
+        async move {
+            store
+                .claim_idempotency_key(token, key, &fp, at, lease)
+                .await
+                .unwrap()
+        }
+    };
+    assert_eq!(claim(alice, "k1", &fp).await, IdempotencyClaim::Claimed);
+    assert_eq!(claim(alice, "k1", &fp).await, IdempotencyClaim::InProgress);
+    assert_eq!(claim(alice, "k1", &other).await, IdempotencyClaim::Mismatch);
+    // Keys are the token's own.
+    assert_eq!(claim(bob, "k1", &fp).await, IdempotencyClaim::Claimed);
+
+    // Finishing with another fingerprint is not this claim's end.
+    store
+        .finish_idempotency_key(alice, "k1", &other, Some(kept("wrong")), keep)
+        .await
+        .unwrap();
+    assert_eq!(claim(alice, "k1", &fp).await, IdempotencyClaim::InProgress);
+    store
+        .finish_idempotency_key(alice, "k1", &fp, Some(kept("first")), keep)
+        .await
+        .unwrap();
+    assert_eq!(
+        claim(alice, "k1", &fp).await,
+        IdempotencyClaim::Replay(kept("first"))
+    );
+    assert_eq!(claim(alice, "k1", &other).await, IdempotencyClaim::Mismatch);
+    // An answered key keeps its first response.
+    store
+        .finish_idempotency_key(alice, "k1", &fp, Some(kept("second")), keep)
+        .await
+        .unwrap();
+    assert_eq!(
+        claim(alice, "k1", &fp).await,
+        IdempotencyClaim::Replay(kept("first"))
+    );
+
+    // Finishing without a response forgets the key: a retry runs again.
+    store
+        .finish_idempotency_key(bob, "k1", &fp, None, keep)
+        .await
+        .unwrap();
+    assert_eq!(claim(bob, "k1", &fp).await, IdempotencyClaim::Claimed);
+    // Finishing a key nobody claimed does nothing.
+    store
+        .finish_idempotency_key(bob, "never", &fp, Some(kept("x")), keep)
+        .await
+        .unwrap();
+    assert_eq!(claim(bob, "never", &fp).await, IdempotencyClaim::Claimed);
+
+    // Of claims racing on a new key, exactly one runs.
+    let race = || claim(alice, "raced", &fp);
+    let r = tokio::join!(
+        race(),
+        race(),
+        race(),
+        race(),
+        race(),
+        race(),
+        race(),
+        race()
+    );
+    let results = [r.0, r.1, r.2, r.3, r.4, r.5, r.6, r.7];
+    let claimed = results
+        .iter()
+        .filter(|r| **r == IdempotencyClaim::Claimed)
+        .count();
+    assert_eq!(claimed, 1, "{results:?}");
+    assert!(results
+        .iter()
+        .all(|r| matches!(r, IdempotencyClaim::Claimed | IdempotencyClaim::InProgress)));
+
+    // Invalid keys and fingerprints change nothing.
+    let long = "k".repeat(MAX_IDEMPOTENCY_KEY_BYTES + 1);
+    for (key, fp) in [
+        ("", fp.as_str()),
+        (long.as_str(), fp.as_str()),
+        ("k2", "abc"),
+    ] {
+        assert_err!(
+            store.claim_idempotency_key(alice, key, fp, at, lease).await,
+            StoreError::Invalid(_)
+        );
+        assert_err!(
+            store
+                .finish_idempotency_key(alice, key, fp, None, keep)
+                .await,
+            StoreError::Invalid(_)
+        );
+    }
+    let longest = "k".repeat(MAX_IDEMPOTENCY_KEY_BYTES);
+    assert_eq!(
+        store
+            .claim_idempotency_key(alice, &longest, &fp, at, lease)
+            .await
+            .unwrap(),
+        IdempotencyClaim::Claimed
+    );
+}
+
+pub async fn idempotency_keys_lapse_and_purge(store: &dyn Store) {
+    let token = TokenId::random();
+    let fp = sha256_hex("POST /b {}");
+    let t0 = now();
+    let lease = t0 + Duration::minutes(1);
+    // A claim whose node died: it lapses at its lease, and a retry then takes the key over.
+    assert_eq!(
+        store
+            .claim_idempotency_key(token, "dead", &fp, t0, lease)
+            .await
+            .unwrap(),
+        IdempotencyClaim::Claimed
+    );
+    let later = lease - Duration::milliseconds(1);
+    assert_eq!(
+        store
+            .claim_idempotency_key(token, "dead", &fp, later, later + Duration::minutes(1))
+            .await
+            .unwrap(),
+        IdempotencyClaim::InProgress
+    );
+    let retry_lease = lease + Duration::minutes(1);
+    assert_eq!(
+        store
+            .claim_idempotency_key(token, "dead", &fp, lease, retry_lease)
+            .await
+            .unwrap(),
+        IdempotencyClaim::Claimed
+    );
+    // A kept response is replayed until it lapses too.
+    store
+        .finish_idempotency_key(token, "dead", &fp, Some(kept("r")), t0 + Duration::hours(1))
+        .await
+        .unwrap();
+    let in_an_hour = t0 + Duration::hours(1);
+    assert_eq!(
+        store
+            .claim_idempotency_key(token, "dead", &fp, in_an_hour - Duration::seconds(1), lease)
+            .await
+            .unwrap(),
+        IdempotencyClaim::Replay(kept("r"))
+    );
+
+    // Purge: two more records, one answered and one in progress, lapsing at different times.
+    for (key, until) in [
+        ("a", t0 + Duration::minutes(5)),
+        ("b", t0 + Duration::hours(2)),
+    ] {
+        store
+            .claim_idempotency_key(token, key, &fp, t0, until)
+            .await
+            .unwrap();
+    }
+    store
+        .finish_idempotency_key(token, "a", &fp, Some(kept("a")), t0 + Duration::minutes(30))
+        .await
+        .unwrap();
+    // Nothing has lapsed at t0.
+    assert_eq!(store.purge_idempotency_keys(t0).await.unwrap(), 0);
+    // At t0 + 1 h: "a" (kept until t0 + 30 min) goes; "dead" lapses exactly then and stays;
+    // "b" is in progress until t0 + 2 h.
+    assert_eq!(store.purge_idempotency_keys(in_an_hour).await.unwrap(), 1);
+    assert_eq!(
+        store
+            .claim_idempotency_key(token, "b", &fp, in_an_hour, lease)
+            .await
+            .unwrap(),
+        IdempotencyClaim::InProgress
+    );
+    assert_eq!(
+        store
+            .claim_idempotency_key(
+                token,
+                "a",
+                &fp,
+                in_an_hour,
+                in_an_hour + Duration::minutes(1)
+            )
+            .await
+            .unwrap(),
+        IdempotencyClaim::Claimed
+    );
+    // Far later everything has lapsed: "dead", "b" and the new claim of "a".
+    let far = t0 + Duration::days(2);
+    assert_eq!(store.purge_idempotency_keys(far).await.unwrap(), 3);
+    assert_eq!(store.purge_idempotency_keys(far).await.unwrap(), 0);
 }

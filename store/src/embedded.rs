@@ -34,6 +34,8 @@
 //! | `jobs`                | job                             | [`Job`]                 |
 //! | `job_results`         | job, host                       | [`JobResult`]           |
 //! | `job_results_by_host` | host, job                       | —                       |
+//! | `idempotency`         | token, key                      | [`IdempotencyRecord`]   |
+//! | `idempotency_by_expiry` | expires_at, token, key        | —                       |
 //!
 //! Every host listing walks one index whose keys end with the host id (the most selective of the
 //! filters given: environment, label, organization, shard, else all hosts), so every page is in
@@ -134,6 +136,8 @@ const SETTINGS: Def = TableDefinition::new("settings");
 const JOBS: Def = TableDefinition::new("jobs");
 const JOB_RESULTS: Def = TableDefinition::new("job_results");
 const JOB_RESULTS_BY_HOST: Def = TableDefinition::new("job_results_by_host");
+const IDEMPOTENCY: Def = TableDefinition::new("idempotency");
+const IDEMPOTENCY_BY_EXPIRY: Def = TableDefinition::new("idempotency_by_expiry");
 
 const ALL_TABLES: &[Def] = &[
     ORGS,
@@ -161,6 +165,8 @@ const ALL_TABLES: &[Def] = &[
     JOBS,
     JOB_RESULTS,
     JOB_RESULTS_BY_HOST,
+    IDEMPOTENCY,
+    IDEMPOTENCY_BY_EXPIRY,
 ];
 
 /// The store in one redb file. Cheap to clone; every clone shares the open database and its
@@ -797,6 +803,53 @@ pub(crate) fn validate_secret_sha256(s: &str) -> Result<()> {
             "secret_sha256 must be 64 lowercase hex digits".into(),
         ))
     }
+}
+
+/// The checks every backend makes on an idempotency key and its request's fingerprint.
+pub(crate) fn validate_idempotency(key: &str, fingerprint: &str) -> Result<()> {
+    if key.is_empty() || key.len() > MAX_IDEMPOTENCY_KEY_BYTES {
+        return Err(StoreError::Invalid(format!(
+            "an idempotency key must be 1 to {MAX_IDEMPOTENCY_KEY_BYTES} bytes"
+        )));
+    }
+    if fingerprint.len() != 64
+        || !fingerprint
+            .bytes()
+            .all(|c| c.is_ascii_digit() || (b'a'..=b'f').contains(&c))
+    {
+        return Err(StoreError::Invalid(
+            "a request fingerprint must be 64 lowercase hex digits".into(),
+        ));
+    }
+    Ok(())
+}
+
+fn idempotency_key(token: TokenId, key: &str) -> Vec<u8> {
+    cat(&[token.0.as_bytes(), key.as_bytes()])
+}
+
+/// Writes `record` under `id` (token, key), replacing `old` and its expiry index entry.
+fn put_idempotency(
+    txn: &WriteTransaction,
+    id: &[u8],
+    old: Option<&IdempotencyRecord>,
+    record: Option<&IdempotencyRecord>,
+) -> Result<()> {
+    let mut records = txn.open_table(IDEMPOTENCY)?;
+    let mut by_expiry = txn.open_table(IDEMPOTENCY_BY_EXPIRY)?;
+    if let Some(old) = old {
+        by_expiry.remove(cat(&[&time_key(old.expires_at), id]).as_slice())?;
+    }
+    match record {
+        Some(r) => {
+            put_json(&mut records, "idempotency record", id, r)?;
+            mark(&mut by_expiry, &cat(&[&time_key(r.expires_at), id]))?;
+        }
+        None => {
+            records.remove(id)?;
+        }
+    }
+    Ok(())
 }
 
 // --- records by key --------------------------------------------------------------------------
@@ -1596,6 +1649,86 @@ impl Store for EmbeddedStore {
                 .ok_or_else(|| StoreError::NotFound(format!("API token {id}")))?;
             token.revoked = true;
             put_json(&mut tokens, "API token", id.0.as_bytes(), &token)
+        })
+        .await
+    }
+
+    // --- idempotency keys ---------------------------------------------------------------------
+
+    async fn claim_idempotency_key(
+        &self,
+        token: TokenId,
+        key: &str,
+        fingerprint: &str,
+        now: DateTime<Utc>,
+        lease_until: DateTime<Utc>,
+    ) -> Result<IdempotencyClaim> {
+        validate_idempotency(key, fingerprint)?;
+        let record = IdempotencyRecord {
+            token,
+            key: key.to_owned(),
+            fingerprint: fingerprint.to_owned(),
+            expires_at: lease_until,
+            response: None,
+        };
+        self.write(move |txn| {
+            let id = idempotency_key(token, &record.key);
+            let old: Option<IdempotencyRecord> =
+                get_json(&txn.open_table(IDEMPOTENCY)?, "idempotency record", &id)?;
+            if let Some(verdict) = old
+                .as_ref()
+                .and_then(|o| o.verdict(&record.fingerprint, now))
+            {
+                return Ok(verdict);
+            }
+            put_idempotency(txn, &id, old.as_ref(), Some(&record))?;
+            Ok(IdempotencyClaim::Claimed)
+        })
+        .await
+    }
+
+    async fn finish_idempotency_key(
+        &self,
+        token: TokenId,
+        key: &str,
+        fingerprint: &str,
+        response: Option<KeptResponse>,
+        keep_until: DateTime<Utc>,
+    ) -> Result<()> {
+        validate_idempotency(key, fingerprint)?;
+        let (key, fingerprint) = (key.to_owned(), fingerprint.to_owned());
+        self.write(move |txn| {
+            let id = idempotency_key(token, &key);
+            let old: Option<IdempotencyRecord> =
+                get_json(&txn.open_table(IDEMPOTENCY)?, "idempotency record", &id)?;
+            let Some(old) = old.filter(|o| o.fingerprint == fingerprint && o.response.is_none())
+            else {
+                return Ok(());
+            };
+            let kept = response.clone().map(|r| IdempotencyRecord {
+                expires_at: keep_until,
+                response: Some(r),
+                ..old.clone()
+            });
+            put_idempotency(txn, &id, Some(&old), kept.as_ref())
+        })
+        .await
+    }
+
+    async fn purge_idempotency_keys(&self, now: DateTime<Utc>) -> Result<u64> {
+        let end = time_key(now);
+        self.write(move |txn| {
+            let mut by_expiry = txn.open_table(IDEMPOTENCY_BY_EXPIRY)?;
+            let mut records = txn.open_table(IDEMPOTENCY)?;
+            let lapsed: Vec<Vec<u8>> = by_expiry
+                .range(..end.as_slice())?
+                .map(|e| e.map(|(k, _)| k.value().to_vec()))
+                .collect::<std::result::Result<_, _>>()?;
+            for k in &lapsed {
+                by_expiry.remove(k.as_slice())?;
+                records.remove(&k[8..])?;
+            }
+            Ok(lapsed.len() as u64)
         })
         .await
     }

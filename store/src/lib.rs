@@ -141,6 +141,33 @@ pub trait Store: Send + Sync + 'static {
     async fn list_api_tokens(&self, page: &Page) -> Result<Paged<ApiToken>>;
     async fn revoke_api_token(&self, id: TokenId) -> Result<()>;
 
+    // --- idempotency keys of API requests ------------------------------------------------------
+    /// Claims `key` of `token` for a request with `fingerprint` (sha256 hex): `Claimed` (and kept
+    /// as in progress until `lease_until`) if the key is new or its record has lapsed; otherwise
+    /// what the record says (see [`IdempotencyRecord::verdict`]). Atomic: of two claims racing,
+    /// one is `Claimed`. Invalid for an empty key or one over [`MAX_IDEMPOTENCY_KEY_BYTES`].
+    async fn claim_idempotency_key(
+        &self,
+        token: TokenId,
+        key: &str,
+        fingerprint: &str,
+        now: DateTime<Utc>,
+        lease_until: DateTime<Utc>,
+    ) -> Result<IdempotencyClaim>;
+    /// Ends a claim: keeps `response` for replays until `keep_until`, or with `None` forgets the
+    /// key (a retry then runs again). Does nothing unless the key is still claimed for
+    /// `fingerprint` (its claim may have lapsed and been taken by another request).
+    async fn finish_idempotency_key(
+        &self,
+        token: TokenId,
+        key: &str,
+        fingerprint: &str,
+        response: Option<KeptResponse>,
+        keep_until: DateTime<Utc>,
+    ) -> Result<()>;
+    /// Deletes the records that lapsed before `now`; returns how many.
+    async fn purge_idempotency_keys(&self, now: DateTime<Utc>) -> Result<u64>;
+
     // --- audit log ----------------------------------------------------------------------------
     /// Appends, assigning `seq`; returns it.
     async fn append_audit(&self, entry: &AuditEntry) -> Result<u64>;

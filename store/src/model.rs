@@ -330,3 +330,61 @@ pub struct Paged<T> {
     pub items: Vec<T>,
     pub next: Option<String>,
 }
+
+/// A response kept for an API request's `Idempotency-Key`, replayed to its retries.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct KeptResponse {
+    pub status: u16,
+    /// Header names and values, in the order the response had them.
+    pub headers: Vec<(String, String)>,
+    /// The body (responses with a body that is not UTF-8 are not kept).
+    pub body: String,
+}
+
+/// What the store holds for one `Idempotency-Key` of one API token.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct IdempotencyRecord {
+    pub token: TokenId,
+    pub key: String,
+    /// sha256 (hex) of the request (method, path and query, body): a key sent again with another
+    /// request is refused instead of answered with an unrelated response.
+    pub fingerprint: String,
+    /// Without a response: when the claim lapses (its node may have died mid-request). With one:
+    /// when it stops being replayed.
+    pub expires_at: DateTime<Utc>,
+    /// None while the first request runs.
+    pub response: Option<KeptResponse>,
+}
+
+/// The outcome of [`crate::Store::claim_idempotency_key`].
+#[derive(Clone, Debug, PartialEq)]
+pub enum IdempotencyClaim {
+    /// The key is new (or its record lapsed): run the request, then finish the key.
+    Claimed,
+    /// The first request with this key ended with this response.
+    Replay(KeptResponse),
+    /// The first request with this key is still running (on this node or another).
+    InProgress,
+    /// The key was used for a different request.
+    Mismatch,
+}
+
+/// Longest `Idempotency-Key` the store accepts.
+pub const MAX_IDEMPOTENCY_KEY_BYTES: usize = 255;
+
+impl IdempotencyRecord {
+    /// The verdict on a claim for `fingerprint` at `now` when this record exists: `None` when it
+    /// has lapsed (the claim takes its place). Shared by every backend.
+    pub fn verdict(&self, fingerprint: &str, now: DateTime<Utc>) -> Option<IdempotencyClaim> {
+        if self.expires_at <= now {
+            return None;
+        }
+        if self.fingerprint != fingerprint {
+            return Some(IdempotencyClaim::Mismatch);
+        }
+        Some(match &self.response {
+            None => IdempotencyClaim::InProgress,
+            Some(r) => IdempotencyClaim::Replay(r.clone()),
+        })
+    }
+}

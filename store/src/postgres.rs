@@ -63,9 +63,10 @@ use tokio_postgres::{Client, Config, NoTls, Row};
 use uuid::Uuid;
 
 use crate::embedded::{
-    check_page, fact_matches, validate_host, validate_name, validate_secret_sha256, validate_text,
-    MAX_KEY_BYTES, MAX_LABEL_KEY_BYTES, MAX_LABEL_VALUE_BYTES, MAX_RECORD_BYTES,
-    MAX_SETTINGS_PER_SCOPE, MAX_TEXT_BYTES, MAX_VERSION_BYTES,
+    check_page, fact_matches, validate_host, validate_idempotency, validate_name,
+    validate_secret_sha256, validate_text, MAX_KEY_BYTES, MAX_LABEL_KEY_BYTES,
+    MAX_LABEL_VALUE_BYTES, MAX_RECORD_BYTES, MAX_SETTINGS_PER_SCOPE, MAX_TEXT_BYTES,
+    MAX_VERSION_BYTES,
 };
 use crate::model::*;
 use crate::{Result, Store, StoreError};
@@ -78,11 +79,18 @@ pub struct Migration {
 }
 
 /// Every schema step this build knows, oldest first.
-pub const MIGRATIONS: &[Migration] = &[Migration {
-    version: 1,
-    name: "initial",
-    sql: include_str!("../migrations/0001_initial.sql"),
-}];
+pub const MIGRATIONS: &[Migration] = &[
+    Migration {
+        version: 1,
+        name: "initial",
+        sql: include_str!("../migrations/0001_initial.sql"),
+    },
+    Migration {
+        version: 2,
+        name: "idempotency keys",
+        sql: include_str!("../migrations/0002_idempotency.sql"),
+    },
+];
 
 /// The schema version this build writes: the last migration's.
 pub const SCHEMA_VERSION: u64 = MIGRATIONS[MIGRATIONS.len() - 1].version;
@@ -1327,6 +1335,121 @@ impl Store for PgStore {
             format!("API token {id}"),
         )
         .await
+    }
+
+    // --- idempotency keys ---------------------------------------------------------------------
+
+    async fn claim_idempotency_key(
+        &self,
+        token: TokenId,
+        key: &str,
+        fingerprint: &str,
+        now: DateTime<Utc>,
+        lease_until: DateTime<Utc>,
+    ) -> Result<IdempotencyClaim> {
+        validate_idempotency(key, fingerprint)?;
+        let record = IdempotencyRecord {
+            token,
+            key: key.to_owned(),
+            fingerprint: fingerprint.to_owned(),
+            expires_at: lease_until,
+            response: None,
+        };
+        let text = enc("idempotency record", &record)?;
+        let lease_us = lease_until.timestamp_micros();
+        transaction!(self, |t| {
+            // A racing claim's insert makes this one wait for its commit, then do nothing.
+            let inserted = t
+                .execute(
+                    "INSERT INTO idempotency_keys (token, key, expires_us, doc)
+                     VALUES ($1, $2, $3, $4) ON CONFLICT DO NOTHING",
+                    &[&token.0, &key, &lease_us, &text],
+                )
+                .await?;
+            if inserted == 1 {
+                IdempotencyClaim::Claimed
+            } else {
+                let row = t
+                    .query_one(
+                        "SELECT doc FROM idempotency_keys WHERE token = $1 AND key = $2
+                         FOR UPDATE",
+                        &[&token.0, &key],
+                    )
+                    .await?;
+                let old: IdempotencyRecord = doc("idempotency record", &row, 0)?;
+                match old.verdict(fingerprint, now) {
+                    Some(verdict) => verdict,
+                    None => {
+                        t.execute(
+                            "UPDATE idempotency_keys SET expires_us = $3, doc = $4
+                             WHERE token = $1 AND key = $2",
+                            &[&token.0, &key, &lease_us, &text],
+                        )
+                        .await?;
+                        IdempotencyClaim::Claimed
+                    }
+                }
+            }
+        })
+    }
+
+    async fn finish_idempotency_key(
+        &self,
+        token: TokenId,
+        key: &str,
+        fingerprint: &str,
+        response: Option<KeptResponse>,
+        keep_until: DateTime<Utc>,
+    ) -> Result<()> {
+        validate_idempotency(key, fingerprint)?;
+        let keep_us = keep_until.timestamp_micros();
+        transaction!(self, |t| {
+            let row = t
+                .query_opt(
+                    "SELECT doc FROM idempotency_keys WHERE token = $1 AND key = $2 FOR UPDATE",
+                    &[&token.0, &key],
+                )
+                .await?;
+            let old: Option<IdempotencyRecord> = match row {
+                Some(row) => Some(doc("idempotency record", &row, 0)?),
+                None => None,
+            };
+            let ours = old.filter(|o| o.fingerprint == fingerprint && o.response.is_none());
+            match (ours, &response) {
+                (None, _) => {}
+                (Some(_), None) => {
+                    t.execute(
+                        "DELETE FROM idempotency_keys WHERE token = $1 AND key = $2",
+                        &[&token.0, &key],
+                    )
+                    .await?;
+                }
+                (Some(old), Some(r)) => {
+                    let kept = IdempotencyRecord {
+                        expires_at: keep_until,
+                        response: Some(r.clone()),
+                        ..old
+                    };
+                    let text = enc("idempotency record", &kept)?;
+                    t.execute(
+                        "UPDATE idempotency_keys SET expires_us = $3, doc = $4
+                         WHERE token = $1 AND key = $2",
+                        &[&token.0, &key, &keep_us, &text],
+                    )
+                    .await?;
+                }
+            }
+        })
+    }
+
+    async fn purge_idempotency_keys(&self, now: DateTime<Utc>) -> Result<u64> {
+        let conn = self.conn().await?;
+        conn.execute(
+            "DELETE FROM idempotency_keys WHERE expires_us < $1",
+            &[&now.timestamp_micros()],
+        )
+        .await
+        .map_err(pg)
     }
 
     // --- audit log ----------------------------------------------------------------------------

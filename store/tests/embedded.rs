@@ -221,6 +221,38 @@ async fn a_newer_schema_version_is_refused_and_left_untouched() {
 }
 
 #[tokio::test]
+async fn a_file_made_before_the_idempotency_tables_gets_them_on_open() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("store.redb");
+    let store = EmbeddedStore::open(&path).unwrap();
+    let (host, ..) = populate(&store).await;
+    drop(store);
+    {
+        let db = redb::Database::open(&path).unwrap();
+        let txn = db.begin_write().unwrap();
+        for name in ["idempotency", "idempotency_by_expiry"] {
+            let def: TableDefinition<&[u8], &[u8]> = TableDefinition::new(name);
+            assert!(txn.delete_table(def).unwrap(), "{name} existed");
+        }
+        txn.commit().unwrap();
+    }
+    let store = EmbeddedStore::open(&path).unwrap();
+    assert_eq!(store.get_host(host.id).await.unwrap(), Some(host));
+    let now = Utc::now();
+    let claim = store
+        .claim_idempotency_key(
+            TokenId::random(),
+            "k",
+            &"0".repeat(64),
+            now,
+            now + Duration::minutes(1),
+        )
+        .await
+        .unwrap();
+    assert_eq!(claim, IdempotencyClaim::Claimed);
+}
+
+#[tokio::test]
 async fn schema_version_zero_is_refused() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("store.redb");

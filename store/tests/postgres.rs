@@ -117,18 +117,55 @@ fn change(host: HostId, epoch: u64) -> Change {
     }
 }
 
+/// Every migration this build has, each applied once.
+fn all_versions() -> Vec<i64> {
+    (1..=SCHEMA_VERSION as i64).collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_database_at_an_older_version_is_migrated_with_its_data() {
+    let (url, _db) = comodit_testkit::fresh_pg_database();
+    let first = PgStore::connect(&url, 2).await.unwrap();
+    let host = one_host(&first).await;
+    drop(first);
+    // Back to version 1, as a database made before the idempotency keys.
+    raw_client(&url)
+        .await
+        .batch_execute(
+            "DROP TABLE idempotency_keys; DELETE FROM schema_migrations WHERE version = 2",
+        )
+        .await
+        .unwrap();
+    assert_eq!(applied_versions(&url).await, vec![1]);
+    let store = PgStore::connect(&url, 2).await.unwrap();
+    assert_eq!(applied_versions(&url).await, all_versions());
+    assert_eq!(store.get_host(host.id).await.unwrap(), Some(host));
+    let now = chrono::Utc::now();
+    let claim = store
+        .claim_idempotency_key(
+            comodit_store::TokenId::random(),
+            "k",
+            &"0".repeat(64),
+            now,
+            now + Duration::minutes(1),
+        )
+        .await
+        .unwrap();
+    assert_eq!(claim, comodit_store::IdempotencyClaim::Claimed);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn migrations_run_once_and_data_survives_a_reconnect() {
     let (url, _db) = comodit_testkit::fresh_pg_database();
     let first = PgStore::connect(&url, 2).await.unwrap();
     let host = one_host(&first).await;
     drop(first);
-    assert_eq!(applied_versions(&url).await, vec![SCHEMA_VERSION as i64]);
+    assert_eq!(applied_versions(&url).await, all_versions());
 
     // Connecting again (another node, a restart) applies nothing and sees the data.
     let (a, b) = tokio::join!(PgStore::connect(&url, 2), PgStore::connect(&url, 2));
     let (a, b) = (a.unwrap(), b.unwrap());
-    assert_eq!(applied_versions(&url).await, vec![SCHEMA_VERSION as i64]);
+    assert_eq!(applied_versions(&url).await, all_versions());
     assert_eq!(a.get_host(host.id).await.unwrap(), Some(host.clone()));
     assert_eq!(b.get_host(host.id).await.unwrap(), Some(host));
 }
@@ -141,7 +178,7 @@ async fn migrations_on_an_empty_database_are_applied_by_one_of_two_nodes() {
     let (a, b) = tokio::join!(PgStore::connect(&url, 2), PgStore::connect(&url, 2));
     a.unwrap();
     b.unwrap();
-    assert_eq!(applied_versions(&url).await, vec![SCHEMA_VERSION as i64]);
+    assert_eq!(applied_versions(&url).await, all_versions());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -165,10 +202,9 @@ async fn a_newer_schema_version_is_refused() {
         other => panic!("expected a refusal, got {other:?}"),
     }
     // Nothing was applied or removed on the way.
-    assert_eq!(
-        applied_versions(&url).await,
-        vec![SCHEMA_VERSION as i64, newer]
-    );
+    let mut expected = all_versions();
+    expected.push(newer);
+    assert_eq!(applied_versions(&url).await, expected);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -193,6 +193,9 @@ pub fn metrics_handle() -> PrometheusHandle {
 
 pub struct TestApp {
     pub router: Router,
+    /// A second router on the same store and host operations: another node of a cluster, or this
+    /// node after a restart.
+    pub peer: Router,
     pub store: Arc<dyn Store>,
     pub ops: Arc<FakeOps>,
     pub lifecycle: Arc<FakeLifecycle>,
@@ -262,19 +265,22 @@ impl TestApp {
             revoked: Mutex::new(Vec::new()),
         });
         let ready = Arc::new(std::sync::atomic::AtomicBool::new(true));
-        let r = ready.clone();
-        let state = ApiState {
-            store: store.clone(),
-            ops: ops.clone(),
-            lifecycle: lifecycle.clone(),
-            metrics: metrics_handle(),
-            ready: Arc::new(move || r.load(std::sync::atomic::Ordering::SeqCst)),
-            n_shards: N_SHARDS,
-            cluster: None,
-            limits,
+        let state = || {
+            let r = ready.clone();
+            ApiState {
+                store: store.clone(),
+                ops: ops.clone(),
+                lifecycle: lifecycle.clone(),
+                metrics: metrics_handle(),
+                ready: Arc::new(move || r.load(std::sync::atomic::Ordering::SeqCst)),
+                n_shards: N_SHARDS,
+                cluster: None,
+                limits: limits.clone(),
+            }
         };
         let app = TestApp {
-            router: router(state),
+            router: router(state()),
+            peer: router(state()),
             store,
             ops,
             lifecycle,
@@ -352,7 +358,12 @@ impl TestApp {
     }
 
     pub async fn send(&self, req: Request<HttpBody>) -> Resp {
-        let resp = self.router.clone().oneshot(req).await.unwrap();
+        Self::send_to(&self.router, req).await
+    }
+
+    /// Sends `req` to `router` (this app's or its peer's).
+    pub async fn send_to(router: &Router, req: Request<HttpBody>) -> Resp {
+        let resp = router.clone().oneshot(req).await.unwrap();
         let status = resp.status();
         let headers = resp.headers().clone();
         let bytes = axum::body::to_bytes(resp.into_body(), 64 * 1024 * 1024)

@@ -7,12 +7,12 @@ use std::time::Duration;
 use axum::body::{Body, BodyDataStream};
 use axum::http::{header, Method, Request, StatusCode};
 use comodit_actors::NodeEvent;
-use comodit_store::{ChangeId, ChangeStatus, Page, Role, Scope};
+use comodit_store::{ChangeId, ChangeStatus, IdempotencyClaim, Page, Role, Scope};
 use futures_util::StreamExt;
 use serde_json::json;
 use tower::ServiceExt;
 
-use crate::common::{request, TestApp};
+use crate::common::{request, Answer, TestApp};
 
 #[tokio::test]
 async fn public_routes_health_ready_metrics_openapi() {
@@ -434,6 +434,78 @@ async fn idempotency_keys_replay_the_first_response() {
         2,
         "{audit:#?}"
     );
+}
+
+#[tokio::test]
+async fn idempotency_keys_hold_across_nodes_sharing_the_store() {
+    let app = TestApp::new().await;
+    let (_org, _env, host) = app.fleet().await;
+    let admin = app.admin.clone();
+    let run = format!("/api/v1/hosts/{}/run", host.id);
+    let req = || keyed(&run, &admin, "across-1", json!({"argv": ["reboot"]}));
+
+    let first = app.send(req()).await;
+    assert_eq!(first.status, StatusCode::OK, "{}", first.text);
+    // The retry reaches another node (or this one after a restart): answered, not run again.
+    let again = TestApp::send_to(&app.peer, req()).await;
+    assert_eq!(again.status, StatusCode::OK, "{}", again.text);
+    assert_eq!(again.text, first.text);
+    assert_eq!(again.header("idempotent-replayed").as_deref(), Some("true"));
+    assert_eq!(app.ops.submits().len(), 1);
+    // And a different request under the key is refused there too.
+    let other = keyed(&run, &admin, "across-1", json!({"argv": ["halt"]}));
+    let r = TestApp::send_to(&app.peer, other).await;
+    assert_eq!(r.status, StatusCode::UNPROCESSABLE_ENTITY, "{}", r.text);
+
+    // A key claimed on one node and still running is refused on the other, never run twice.
+    let now = chrono::Utc::now();
+    let token = app
+        .store
+        .find_api_token(&comodit_api::hash_token(&admin))
+        .await
+        .unwrap()
+        .unwrap();
+    let body = serde_json::to_vec(&json!({"argv": ["reboot"]})).unwrap();
+    // The API's fingerprint of that request: sha256 of method, path and body, NUL-separated.
+    let request = [b"POST\0".as_slice(), run.as_bytes(), b"\0", &body].concat();
+    let fingerprint = hex::encode(<sha2::Sha256 as sha2::Digest>::digest(&request));
+    let claimed = app
+        .store
+        .claim_idempotency_key(
+            token.id,
+            "busy-1",
+            &fingerprint,
+            now,
+            now + chrono::Duration::minutes(5),
+        )
+        .await
+        .unwrap();
+    assert_eq!(claimed, IdempotencyClaim::Claimed);
+    let r = TestApp::send_to(
+        &app.peer,
+        keyed(&run, &admin, "busy-1", json!({"argv": ["reboot"]})),
+    )
+    .await;
+    assert_eq!(r.status, StatusCode::CONFLICT, "{}", r.text);
+    assert_eq!(
+        r.problem().r#type,
+        "urn:comodit:problem:idempotency-in-progress"
+    );
+    assert_eq!(app.ops.submits().len(), 1);
+
+    // A failed request (5xx) frees its key: the retry runs.
+    app.ops.answer(Answer::Fail("broker down"));
+    let failed = app
+        .send(keyed(&run, &admin, "fails-1", json!({"argv": ["reboot"]})))
+        .await;
+    assert!(failed.status.is_server_error(), "{}", failed.text);
+    let retried = TestApp::send_to(
+        &app.peer,
+        keyed(&run, &admin, "fails-1", json!({"argv": ["reboot"]})),
+    )
+    .await;
+    assert_eq!(retried.status, StatusCode::OK, "{}", retried.text);
+    assert!(retried.header("idempotent-replayed").is_none());
 }
 
 /// The router serves over a real socket too (`axum::serve`), events included.
