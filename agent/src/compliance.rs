@@ -248,18 +248,20 @@ pub async fn run_loop(exec: Arc<Executor>, interval: Duration, jitter_pct: u32, 
     } else {
         None
     };
-    let mut targets = BTreeMap::new();
-    let mut refresh_watches = true;
+    // The watches follow the baseline, and are in place before the check that follows a change
+    // of it: an edit made after that check started is then seen by inotify, one made before by
+    // the check itself (watching only after the check left a window where an edit right after an
+    // apply went unnoticed until the next interval).
+    let rewatch = |watcher: Option<&mut Watcher>| {
+        let targets = watch_targets(&exec.store.baseline().unwrap_or_default());
+        if let Some(w) = watcher {
+            w.watch_parents(targets.keys());
+        }
+        targets
+    };
+    let mut targets = rewatch(watcher.as_mut());
     let mut next = tokio::time::Instant::now() + jittered(interval, jitter_pct);
     loop {
-        if refresh_watches {
-            let baseline = exec.store.baseline().unwrap_or_default();
-            targets = watch_targets(&baseline);
-            if let Some(w) = watcher.as_mut() {
-                w.watch_parents(targets.keys());
-            }
-            refresh_watches = false;
-        }
         let mut only: Option<HashSet<ResourceRef>> = None;
         tokio::select! {
             _ = exec.shutdown.cancelled() => return,
@@ -267,7 +269,7 @@ pub async fn run_loop(exec: Arc<Executor>, interval: Duration, jitter_pct: u32, 
                 next = tokio::time::Instant::now() + jittered(interval, jitter_pct);
             }
             _ = exec.compliance_kick.notified() => {
-                refresh_watches = true;
+                targets = rewatch(watcher.as_mut());
             }
             Some(path) = changed_rx.recv() => {
                 // Gather the burst of events one edit makes, then check just those resources.
