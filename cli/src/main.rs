@@ -24,6 +24,11 @@ struct Cli {
     /// File holding the bearer token (e.g. the node's admin-token file).
     #[arg(long, env = "COMODIT_TOKEN_FILE")]
     token_file: Option<std::path::PathBuf>,
+    /// Sent with a POST as its `Idempotency-Key`: run the same command again with the same key
+    /// (after a timeout, say) and the node answers with the first outcome instead of running it
+    /// twice, for 24 hours and from any node of a cluster.
+    #[arg(long, env = "COMODIT_IDEMPOTENCY_KEY")]
+    idempotency_key: Option<String>,
     #[command(subcommand)]
     verb: Verb,
 }
@@ -231,6 +236,7 @@ enum Tokens {
 struct Api {
     base: String,
     token: String,
+    idempotency_key: Option<String>,
     agent: ureq::Agent,
 }
 
@@ -247,11 +253,12 @@ impl Api {
                 .call(),
             (m, body) => {
                 let body = body.unwrap_or(json!({}));
-                let req = match m {
-                    "POST" => self.agent.post(&url),
-                    "PUT" => self.agent.put(&url),
-                    "PATCH" => self.agent.patch(&url),
-                    other => bail!("unsupported method {other}"),
+                let req = match (m, &self.idempotency_key) {
+                    ("POST", Some(key)) => self.agent.post(&url).header("Idempotency-Key", key),
+                    ("POST", None) => self.agent.post(&url),
+                    ("PUT", _) => self.agent.put(&url),
+                    ("PATCH", _) => self.agent.patch(&url),
+                    (other, _) => bail!("unsupported method {other}"),
                 };
                 req.header("Authorization", &auth).send_json(&body)
             }
@@ -342,6 +349,7 @@ fn run(cli: Cli) -> anyhow::Result<Option<Value>> {
     let api = Api {
         base: cli.url.clone(),
         token,
+        idempotency_key: cli.idempotency_key.clone(),
         agent,
     };
     let out = match cli.verb {

@@ -262,6 +262,34 @@ fn the_cli_drives_the_api() {
     assert_eq!(code, Some(0), "{err}");
     assert_eq!(run["result"]["data"]["stdout"], "hi\n", "{run}");
 
+    // The same run again with the same key: the first outcome, not a second run.
+    let keyed = |n: &str| {
+        cli(&[
+            "--idempotency-key",
+            "cli-run-1",
+            "run",
+            &host,
+            "--",
+            "sh",
+            "-c",
+            &format!("echo {n} >> {}", dir.path().join("runs").display()),
+        ])
+    };
+    let (code, first, err) = keyed("once");
+    assert_eq!(code, Some(0), "{err}");
+    let (code, again, err) = keyed("once");
+    assert_eq!(code, Some(0), "{err}");
+    assert!(first["id"].is_string(), "{first}");
+    assert_eq!(again["id"], first["id"], "{first} / {again}");
+    assert_eq!(
+        std::fs::read_to_string(dir.path().join("runs")).unwrap(),
+        "once\n"
+    );
+    // The key with another command is refused.
+    let (code, _, err) = keyed("twice");
+    assert_eq!(code, Some(1));
+    assert!(err.contains("422"), "{err}");
+
     let (code, labelled, err) = cli(&["hosts", "label", &host, "rack=r12"]);
     assert_eq!(code, Some(0), "{err}");
     assert_eq!(labelled["labels"]["rack"], "r12", "{labelled}");
