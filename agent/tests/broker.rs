@@ -340,6 +340,21 @@ async fn monitored_file_drift_is_reported_once_and_enforce_repairs() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rig_dropped_before_finish_leaves_nothing_on_the_broker() {
+    let mut rig = Rig::new().await;
+    rig.start_agent();
+    let reply = rig.call(&rig.command(1, Body::Ping {})).await;
+    assert_eq!(reply.status, Status::Ok, "{reply:?}");
+    let (user, queue) = (rig.host.to_string(), rig.names.agent_queue(rig.host));
+    assert!(comodit_testkit::user_exists(&user));
+    assert!(comodit_testkit::queue_info(&queue).is_some());
+    // As a failed assertion would: the rig goes without `finish`.
+    drop(rig);
+    assert!(!comodit_testkit::user_exists(&user));
+    assert!(comodit_testkit::queue_info(&queue).is_none());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_command_resent_while_it_runs_is_answered_once() {
     let mut rig = Rig::new().await;
     rig.start_agent();

@@ -110,6 +110,16 @@ pub fn delete_user(name: &str) {
     );
 }
 
+/// Whether the broker has a user of this name.
+pub fn user_exists(name: &str) -> bool {
+    let (status, body) = mgmt_raw("GET", &format!("/api/users/{}", percent_encode(name)), None);
+    match status {
+        200 => true,
+        404 => false,
+        _ => panic!("user {name}: HTTP {status}: {body}"),
+    }
+}
+
 /// Deletes a queue on the test vhost. A missing queue is fine.
 pub fn delete_queue(name: &str) {
     let vhost = Url::parse(&amqp_url()).path;

@@ -28,6 +28,8 @@ pub struct Rig {
     pub config: AgentConfig,
     /// Upward messages read while waiting for something else, kept for later waits.
     backlog: Vec<Up>,
+    /// Set by [`Rig::finish`]; a rig dropped without it (a failed test) cleans up on drop.
+    finished: bool,
 }
 
 impl Rig {
@@ -94,6 +96,7 @@ impl Rig {
             agent: None,
             config,
             backlog: Vec::new(),
+            finished: false,
         }
     }
 
@@ -237,6 +240,26 @@ impl Rig {
         comodit_testkit::delete_user(&self.host.to_string());
         comodit_testkit::cleanup_prefix(self.names.prefix());
         self.admin_stop.cancel();
+        self.finished = true;
+    }
+}
+
+impl Drop for Rig {
+    /// A test that failed before [`Rig::finish`] still leaves no broker user or queue behind. On
+    /// its own thread: the cleanup's own assertions must not panic inside this unwinding one.
+    fn drop(&mut self) {
+        if self.finished {
+            return;
+        }
+        self.admin_stop.cancel();
+        let (host, prefix) = (self.host.to_string(), self.names.prefix().to_owned());
+        let cleanup = std::thread::spawn(move || {
+            comodit_testkit::delete_user(&host);
+            comodit_testkit::cleanup_prefix(&prefix);
+        });
+        if cleanup.join().is_err() {
+            eprintln!("rig of host {}: cleanup failed", self.host);
+        }
     }
 }
 
