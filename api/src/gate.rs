@@ -19,13 +19,12 @@ use axum::http::{HeaderValue, Method, StatusCode};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use chrono::Utc;
-use comodit_store::AuditEntry;
+use comodit_store::{AuditEntry, IdempotencyClaim};
 
 use crate::auth::{allowed, authenticate, resolve, rule, Caller};
 use crate::idempotency::{self, Claim, MAX_KEY_BYTES};
 use crate::problem::{ApiError, ProblemSummary};
 use crate::Shared;
-use comodit_store::IdempotencyClaim;
 
 /// Set on a response that replays the first response to the same `Idempotency-Key`.
 pub const IDEMPOTENT_REPLAYED: &str = "idempotent-replayed";
