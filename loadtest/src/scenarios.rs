@@ -866,11 +866,11 @@ pub async fn api_wave_scenario(ctx: &mut Ctx, op: ApiOp) -> anyhow::Result<()> {
         let mut f50 = Figure::new("latency p50", p50, "ms");
         let mut f99 = Figure::new("latency p99", p99, "ms");
         let mut series = latency_over_time(&wave.name, &wave.points, 60);
-        let node_cpu = Figure::new(
-            "node CPU per answer",
-            wave.cpu.and_then(|c| c.node_ms).unwrap_or_default(),
-            "ms",
-        );
+        // Only when it was measured: no figure rather than a made-up zero.
+        let node_cpu = wave
+            .cpu
+            .and_then(|c| c.node_ms)
+            .map(|ms| Figure::new("node CPU per answer", ms, "ms"));
         if n_waves > 1 {
             ctx.report.notes.push(format!(
                 "{n_waves} API waves on the same hosts (and as many bare unicast waves, unless \
@@ -899,7 +899,8 @@ pub async fn api_wave_scenario(ctx: &mut Ctx, op: ApiOp) -> anyhow::Result<()> {
                 );
             }
         }
-        ctx.report.figures.extend([last, tput, f50, f99, node_cpu]);
+        ctx.report.figures.extend([last, tput, f50, f99]);
+        ctx.report.figures.extend(node_cpu);
         ctx.report
             .waves
             .splice(0..0, waves.iter().map(Wave::summary));

@@ -323,7 +323,11 @@ const IDEMPOTENCY_PURGE_EVERY: Duration = Duration::from_secs(600);
 /// Deletes lapsed idempotency keys every [`IDEMPOTENCY_PURGE_EVERY`] until `shutdown`. Every member
 /// of a cluster does it; a purge is idempotent, so they need not agree on who.
 async fn purge_idempotency_keys(store: Arc<dyn Store>, shutdown: CancellationToken) {
-    let mut every = tokio::time::interval(IDEMPOTENCY_PURGE_EVERY);
+    // The first purge one period after start: nothing to add to start-up.
+    let mut every = tokio::time::interval_at(
+        tokio::time::Instant::now() + IDEMPOTENCY_PURGE_EVERY,
+        IDEMPOTENCY_PURGE_EVERY,
+    );
     every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tokio::select! {

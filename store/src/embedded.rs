@@ -792,11 +792,15 @@ pub(crate) fn validate_host(host: &Host) -> Result<()> {
     validate_labels(&host.labels)
 }
 
-pub(crate) fn validate_secret_sha256(s: &str) -> Result<()> {
-    if s.len() == 64
+/// 64 lowercase hex digits: a sha256 as the store keeps them.
+fn is_sha256_hex(s: &str) -> bool {
+    s.len() == 64
         && s.bytes()
             .all(|c| c.is_ascii_digit() || (b'a'..=b'f').contains(&c))
-    {
+}
+
+pub(crate) fn validate_secret_sha256(s: &str) -> Result<()> {
+    if is_sha256_hex(s) {
         Ok(())
     } else {
         Err(StoreError::Invalid(
@@ -812,11 +816,7 @@ pub(crate) fn validate_idempotency(key: &str, fingerprint: &str) -> Result<()> {
             "an idempotency key must be 1 to {MAX_IDEMPOTENCY_KEY_BYTES} bytes"
         )));
     }
-    if fingerprint.len() != 64
-        || !fingerprint
-            .bytes()
-            .all(|c| c.is_ascii_digit() || (b'a'..=b'f').contains(&c))
-    {
+    if !is_sha256_hex(fingerprint) {
         return Err(StoreError::Invalid(
             "a request fingerprint must be 64 lowercase hex digits".into(),
         ));

@@ -140,18 +140,7 @@ async fn a_database_at_an_older_version_is_migrated_with_its_data() {
     let store = PgStore::connect(&url, 2).await.unwrap();
     assert_eq!(applied_versions(&url).await, all_versions());
     assert_eq!(store.get_host(host.id).await.unwrap(), Some(host));
-    let now = chrono::Utc::now();
-    let claim = store
-        .claim_idempotency_key(
-            comodit_store::TokenId::random(),
-            "k",
-            &"0".repeat(64),
-            now,
-            now + Duration::minutes(1),
-        )
-        .await
-        .unwrap();
-    assert_eq!(claim, comodit_store::IdempotencyClaim::Claimed);
+    conformance::idempotency_keys(&store).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

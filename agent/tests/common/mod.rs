@@ -28,8 +28,6 @@ pub struct Rig {
     pub config: AgentConfig,
     /// Upward messages read while waiting for something else, kept for later waits.
     backlog: Vec<Up>,
-    /// Set by [`Rig::finish`]; a rig dropped without it (a failed test) cleans up on drop.
-    finished: bool,
 }
 
 impl Rig {
@@ -96,7 +94,6 @@ impl Rig {
             agent: None,
             config,
             backlog: Vec::new(),
-            finished: false,
         }
     }
 
@@ -237,20 +234,15 @@ impl Rig {
 
     pub async fn finish(mut self) {
         self.stop_agent().await;
-        comodit_testkit::delete_user(&self.host.to_string());
-        comodit_testkit::cleanup_prefix(self.names.prefix());
-        self.admin_stop.cancel();
-        self.finished = true;
+        // The broker user and the prefix go with the rig (Drop).
     }
 }
 
 impl Drop for Rig {
-    /// A test that failed before [`Rig::finish`] still leaves no broker user or queue behind. On
-    /// its own thread: the cleanup's own assertions must not panic inside this unwinding one.
+    /// Deletes the rig's broker user and prefix, also when a test failed before [`Rig::finish`].
+    /// On a thread of its own: the cleanup's own assertions must not panic inside an unwinding
+    /// one.
     fn drop(&mut self) {
-        if self.finished {
-            return;
-        }
         self.admin_stop.cancel();
         let (host, prefix) = (self.host.to_string(), self.names.prefix().to_owned());
         let cleanup = std::thread::spawn(move || {

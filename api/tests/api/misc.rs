@@ -7,7 +7,7 @@ use std::time::Duration;
 use axum::body::{Body, BodyDataStream};
 use axum::http::{header, Method, Request, StatusCode};
 use comodit_actors::NodeEvent;
-use comodit_store::{ChangeId, ChangeStatus, IdempotencyClaim, Page, Role, Scope};
+use comodit_store::{ChangeId, ChangeStatus, Page, Role, Scope};
 use futures_util::StreamExt;
 use serde_json::json;
 use tower::ServiceExt;
@@ -457,30 +457,22 @@ async fn idempotency_keys_hold_across_nodes_sharing_the_store() {
     let r = TestApp::send_to(&app.peer, other).await;
     assert_eq!(r.status, StatusCode::UNPROCESSABLE_ENTITY, "{}", r.text);
 
-    // A key claimed on one node and still running is refused on the other, never run twice.
-    let now = chrono::Utc::now();
-    let token = app
-        .store
-        .find_api_token(&comodit_api::hash_token(&admin))
-        .await
-        .unwrap()
-        .unwrap();
-    let body = serde_json::to_vec(&json!({"argv": ["reboot"]})).unwrap();
-    // The API's fingerprint of that request: sha256 of method, path and body, NUL-separated.
-    let request = [b"POST\0".as_slice(), run.as_bytes(), b"\0", &body].concat();
-    let fingerprint = hex::encode(<sha2::Sha256 as sha2::Digest>::digest(&request));
-    let claimed = app
-        .store
-        .claim_idempotency_key(
-            token.id,
-            "busy-1",
-            &fingerprint,
-            now,
-            now + chrono::Duration::minutes(5),
-        )
-        .await
-        .unwrap();
-    assert_eq!(claimed, IdempotencyClaim::Claimed);
+    // A key whose first request still runs on one node is refused on the other, never run twice.
+    app.ops.answer(Answer::Hang);
+    let (first_node, busy) = (
+        app.router.clone(),
+        keyed(&run, &admin, "busy-1", json!({"argv": ["reboot"]})),
+    );
+    let running = tokio::spawn(async move { TestApp::send_to(&first_node, busy).await });
+    // Its submit is recorded after its key was claimed.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while app.ops.submits().len() < 2 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the first request never reached its handler"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
     let r = TestApp::send_to(
         &app.peer,
         keyed(&run, &admin, "busy-1", json!({"argv": ["reboot"]})),
@@ -491,7 +483,27 @@ async fn idempotency_keys_hold_across_nodes_sharing_the_store() {
         r.problem().r#type,
         "urn:comodit:problem:idempotency-in-progress"
     );
-    assert_eq!(app.ops.submits().len(), 1);
+    assert_eq!(app.ops.submits().len(), 2);
+    // The client gives up on the first request: its claim is released in the background, and a
+    // retry then runs.
+    running.abort();
+    let retry = loop {
+        let r = TestApp::send_to(
+            &app.peer,
+            keyed(&run, &admin, "busy-1", json!({"argv": ["reboot"]})),
+        )
+        .await;
+        if r.status != StatusCode::CONFLICT {
+            break r;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the abandoned claim was never released"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    };
+    assert_eq!(retry.status, StatusCode::OK, "{}", retry.text);
+    assert_eq!(app.ops.submits().len(), 3);
 
     // A failed request (5xx) frees its key: the retry runs.
     app.ops.answer(Answer::Fail("broker down"));
