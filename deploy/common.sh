@@ -6,6 +6,16 @@ set -euo pipefail
 log() { printf '\033[1m==> %s\033[0m\n' "$*" >&2; }
 die() { printf 'error: %s\n' "$*" >&2; exit 1; }
 
+# Fails early, with the numbers, when the disk holding $1 has less than $2 GiB free: a full disk
+# otherwise shows up as rustc crashing halfway through the build with no word about space.
+ensure_free_disk() {
+  local dir=$1 need_gib=$2 avail_kib
+  avail_kib=$(df -Pk "$dir" | awk 'NR == 2 { print $4 }')
+  if [ "${avail_kib:-0}" -lt $((need_gib * 1024 * 1024)) ]; then
+    die "only $((avail_kib / 1024)) MiB free on the disk of $dir; building and testing comodit needs about ${need_gib} GiB (an old target/ or clone may hold it)"
+  fi
+}
+
 as_root() {
   if [ "$(id -u)" -eq 0 ]; then "$@"; else sudo "$@"; fi
 }

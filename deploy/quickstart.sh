@@ -15,6 +15,7 @@ NODE_DATA="$STATE/node"
 AGENT_STATE="$STATE/agent"
 
 ensure_rust
+ensure_free_disk . 4
 ensure_rabbitmq
 apt_install curl python3
 

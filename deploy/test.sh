@@ -7,6 +7,7 @@ cd "$(dirname "$0")/.."
 source deploy/common.sh
 
 ensure_rust
+ensure_free_disk . 6
 ensure_rabbitmq
 ensure_postgres
 # Tools the real-OS provider tests drive (present on most Debian installs, listed for minimal ones).
