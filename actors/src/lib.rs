@@ -80,6 +80,10 @@ pub struct SubmitOptions {
     pub requested_by: String,
     /// The change expires if not applied within this time (default 10 min).
     pub ttl: Duration,
+    /// Record the change under this id (the API derives it from an `Idempotency-Key`); `None`:
+    /// a new random id. When the host already has a change with this id, that change is the
+    /// answer, waited for like a new one: nothing is recorded or sent again (ARCHITECTURE §24).
+    pub change_id: Option<ChangeId>,
 }
 
 /// What became of a submitted change.

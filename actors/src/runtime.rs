@@ -31,7 +31,7 @@ use tokio::sync::{broadcast, oneshot, Semaphore};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
-use crate::host::{Cancel, HostActor, LocalKick, Presence, Shutdown};
+use crate::host::{status_name, Cancel, HostActor, LocalKick, Presence, Shutdown};
 use crate::metrics as m;
 use crate::ownership::Ownership;
 use crate::pending::Timing;
@@ -470,10 +470,11 @@ impl HostOps for Orchestrator {
         let body = cmd.body;
         let request = serde_json::to_value(&body)
             .map_err(|e| StoreError::Invalid(format!("request: {e}")))?;
-        let change = core
+        let id = opts.change_id.unwrap_or_else(ChangeId::random);
+        let appended = core
             .store
             .append_change(&Change {
-                id: ChangeId::random(),
+                id,
                 host,
                 seq: 0,
                 request,
@@ -486,7 +487,33 @@ impl HostOps for Orchestrator {
                 expires_at: now + ttl,
                 reply: None,
             })
-            .await?;
+            .await;
+        let change = match appended {
+            Ok(c) => c,
+            // Asked again under the same id (a retried request): the first change is the answer.
+            Err(StoreError::Conflict(_)) if opts.change_id.is_some() => {
+                let Some(first) = core.store.get_change(host, id).await? else {
+                    return Err(StoreError::Conflict(format!("change {id} of host {host}")).into());
+                };
+                info!(host_id = %host, change = %id, status = status_name(first.status), "change asked for again: answering with the first");
+                metrics::counter!(m::SUBMITS_JOINED).increment(1);
+                if !first.status.is_pending() {
+                    return Ok(Submitted::Completed(first));
+                }
+                // The node that recorded it may have died before it told the owner (the retry is
+                // often why we are here): tell the owner again; a kick for work it already has is
+                // a no-op.
+                match self.actor(host) {
+                    Ok(addr) if local => addr.do_send(LocalKick),
+                    _ => self.kick(host).await,
+                }
+                return match opts.wait {
+                    None => Ok(Submitted::Pending(first)),
+                    Some(wait) => poll_outcome(&core, first, wait).await,
+                };
+            }
+            Err(e) => return Err(e.into()),
+        };
         info!(host_id = %host, change = %change.id, seq = change.seq, command_id = %command_id, op = body.op(), "change queued");
         core.emit(NodeEvent::Change {
             host,

@@ -17,6 +17,7 @@ fn opts(wait: Option<Duration>) -> SubmitOptions {
         wait,
         requested_by: "test".into(),
         ttl: Duration::from_secs(600),
+        change_id: None,
     }
 }
 
@@ -159,6 +160,149 @@ async fn unknown_hosts_and_other_owners_are_refused() {
         .unwrap_err();
     assert!(matches!(err, OpsError::NotOwner(h) if h == host), "{err}");
     assert!(node.store().pending_changes(host).await.unwrap().is_empty());
+    node.finish().await;
+}
+
+/// An idempotent retry: submits under one change id (the API derives it from an
+/// `Idempotency-Key`), racing or one after the other, record one change and send one command;
+/// each is answered with that change, pending or final.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn submits_under_one_change_id_record_and_send_it_once() {
+    init_logs();
+    let mut node = Node::new(|_| {}).await;
+    let (host, pw) = node.add_host().await;
+    let mut agent = node.agent(host, &pw).await;
+    agent.hello().await;
+    let id = ChangeId::random();
+    let keyed = |wait| SubmitOptions {
+        change_id: Some(id),
+        ..opts(wait)
+    };
+    let racing: Vec<_> = (0..4)
+        .map(|_| {
+            let (orch, o) = (node.orch().clone(), keyed(None));
+            tokio::spawn(async move { orch.submit(host, ping(), o).await })
+        })
+        .collect();
+    let mut seen = Vec::new();
+    for r in racing {
+        let Submitted::Pending(c) = r.await.unwrap().expect("submit") else {
+            panic!("no wait asked: pending expected");
+        };
+        seen.push((c.id, c.seq, c.command_id));
+    }
+    assert!(seen.iter().all(|s| *s == seen[0]), "one change: {seen:?}");
+    assert_eq!(seen[0].0, id);
+
+    // Asked again while it waits for the agent: the same change, still pending.
+    let r = node
+        .orch()
+        .submit(host, ping(), keyed(Some(Duration::from_millis(300))))
+        .await
+        .unwrap();
+    let Submitted::Pending(again) = r else {
+        panic!("nobody answered yet: {r:?}");
+    };
+    assert_eq!((again.id, again.seq), (id, 1));
+
+    let cmd = agent.command().await;
+    assert_eq!(cmd.id, seen[0].2);
+    agent.reply_ok(&cmd).await;
+    node.wait_for_status(host, id, ChangeStatus::Applied).await;
+    // Asked again once answered: the answer, at once.
+    let r = node
+        .orch()
+        .submit(host, ping(), keyed(Some(Duration::from_secs(20))))
+        .await
+        .unwrap();
+    let Submitted::Completed(done) = r else {
+        panic!("answered: {r:?}");
+    };
+    assert_eq!((done.id, done.status), (id, ChangeStatus::Applied));
+    assert!(
+        agent.next_command(Duration::from_secs(2)).await.is_none(),
+        "one command for the host"
+    );
+    let log = node
+        .store()
+        .list_changes(host, &comodit_store::Page::first(10))
+        .await
+        .unwrap();
+    assert_eq!(log.items.len(), 1, "one change recorded: {:?}", log.items);
+
+    // Another id is another change.
+    let r = node.orch().submit(host, ping(), opts(None)).await.unwrap();
+    let Submitted::Pending(other) = r else {
+        panic!("no wait asked: {r:?}");
+    };
+    assert_ne!(other.id, id);
+    assert_eq!(other.seq, 2);
+    agent.disconnect().await;
+    node.finish().await;
+}
+
+/// A change recorded by a node that died before telling the owner (no kick): the retry that joins
+/// it tells the owner, and the change is sent with its own command id.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn joining_an_unsent_change_gets_it_sent() {
+    init_logs();
+    let mut node = Node::new(|_| {}).await;
+    let (host, pw) = node.add_host().await;
+    let mut agent = node.agent(host, &pw).await;
+    agent.hello().await;
+    // The host's actor has loaded its log: it learns of new changes from kicks only.
+    let first = {
+        let orch = node.orch().clone();
+        tokio::spawn(async move {
+            orch.submit(host, ping(), opts(Some(Duration::from_secs(20))))
+                .await
+        })
+    };
+    let cmd = agent.command().await;
+    agent.reply_ok(&cmd).await;
+    assert!(matches!(first.await.unwrap(), Ok(Submitted::Completed(_))));
+    let now = Utc::now();
+    let orphan = node
+        .store()
+        .append_change(&Change {
+            id: ChangeId::random(),
+            host,
+            seq: 0,
+            request: serde_json::to_value(ping()).unwrap(),
+            status: ChangeStatus::Queued,
+            command_id: CommandId::random(),
+            epoch: Epoch(1),
+            requested_by: "a node that died".into(),
+            created_at: now,
+            updated_at: now,
+            expires_at: now + chrono::Duration::minutes(10),
+            reply: None,
+        })
+        .await
+        .unwrap();
+    assert!(
+        agent.next_command(Duration::from_secs(1)).await.is_none(),
+        "nobody told the owner"
+    );
+    let orch = node.orch().clone();
+    let retry = tokio::spawn(async move {
+        let o = SubmitOptions {
+            change_id: Some(orphan.id),
+            ..opts(Some(Duration::from_secs(20)))
+        };
+        orch.submit(host, ping(), o).await
+    });
+    let cmd = agent.command().await;
+    assert_eq!(
+        cmd.id, orphan.command_id,
+        "the recorded change, not a new one"
+    );
+    agent.reply_ok(&cmd).await;
+    let Submitted::Completed(done) = retry.await.unwrap().unwrap() else {
+        panic!("answered within the wait");
+    };
+    assert_eq!((done.id, done.status), (orphan.id, ChangeStatus::Applied));
+    agent.disconnect().await;
     node.finish().await;
 }
 
@@ -411,6 +555,7 @@ async fn changes_expire_and_complete_their_waiter() {
                 wait: Some(Duration::from_secs(20)),
                 requested_by: "test".into(),
                 ttl: Duration::from_secs(1),
+                change_id: None,
             },
         )
         .await

@@ -200,7 +200,11 @@ fn idempotency_key() -> Parameter {
              (header `idempotent-replayed: true`) instead of running the request twice, from \
              any node of a cluster and after a restart (keys are kept in the store). The same \
              key with a different request is refused (422); while the first request runs, a \
-             retry gets 409. Responses with a 5xx status are not kept.",
+             retry gets 409, except on `POST /api/v1/hosts/{id}/run`: there the change is \
+             recorded under an id derived from the token, the key and the host, so a retry \
+             while the first request runs (or after its node died) answers with that same \
+             change (header `idempotent-joined: true`) and the host gets one command. \
+             Responses with a 5xx status are not kept.",
         ))
         .schema(Some(
             utoipa::openapi::ObjectBuilder::new()

@@ -22,12 +22,16 @@ use chrono::Utc;
 use comodit_store::{AuditEntry, IdempotencyClaim};
 
 use crate::auth::{allowed, authenticate, resolve, rule, Caller};
-use crate::idempotency::{self, Claim, MAX_KEY_BYTES};
+use crate::idempotency::{self, Claim, IdempotencyKey, JOINED_ROUTES, MAX_KEY_BYTES};
 use crate::problem::{ApiError, ProblemSummary};
 use crate::Shared;
 
 /// Set on a response that replays the first response to the same `Idempotency-Key`.
 pub const IDEMPOTENT_REPLAYED: &str = "idempotent-replayed";
+
+/// Set on a response to a request whose `Idempotency-Key` was still in progress, answered with the
+/// first request's change (a route of `idempotency::JOINED_ROUTES`).
+pub const IDEMPOTENT_JOINED: &str = "idempotent-joined";
 
 pub(crate) async fn gate(
     State(app): State<Arc<Shared>>,
@@ -93,7 +97,7 @@ async fn admit(
 
     let key = req.headers().get("idempotency-key").cloned();
     match (req.method() == Method::POST, key) {
-        (true, Some(key)) => idempotent(app, caller, key, req, next).await,
+        (true, Some(key)) => idempotent(app, caller, route, key, req, next).await,
         _ => Ok(next.run(req).await),
     }
 }
@@ -101,6 +105,7 @@ async fn admit(
 async fn idempotent(
     app: &Arc<Shared>,
     caller: &Caller,
+    route: &str,
     key: HeaderValue,
     req: Request,
     next: Next,
@@ -115,7 +120,11 @@ async fn idempotent(
             .field("Idempotency-Key"))
         }
     };
-    let (parts, body) = req.into_parts();
+    let (mut parts, body) = req.into_parts();
+    parts.extensions.insert(IdempotencyKey {
+        token: caller.token.id,
+        key: key.clone(),
+    });
     let limit = app.state.limits.max_body_bytes;
     let bytes = axum::body::to_bytes(body, limit).await.map_err(|_| {
         ApiError::new(
@@ -153,6 +162,20 @@ async fn idempotent(
             *resp.headers_mut() = headers;
             resp.headers_mut()
                 .insert(IDEMPOTENT_REPLAYED, HeaderValue::from_static("true"));
+            return Ok(resp);
+        }
+        // The handler records its change under an id of this key: it finds the first request's
+        // change (or records it, if that request never got so far) and answers with it.
+        IdempotencyClaim::InProgress if JOINED_ROUTES.contains(&route) => {
+            tracing::info!(
+                route,
+                "Idempotency-Key in progress: joining the first request's change"
+            );
+            let mut resp = next
+                .run(Request::from_parts(parts, Body::from(bytes)))
+                .await;
+            resp.headers_mut()
+                .insert(IDEMPOTENT_JOINED, HeaderValue::from_static("true"));
             return Ok(resp);
         }
         IdempotencyClaim::InProgress => {

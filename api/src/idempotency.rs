@@ -10,6 +10,10 @@
 //!   request is refused (422) rather than answered with an unrelated response;
 //! - while the first request runs, a second one with the same key is refused (409), never run. A
 //!   claim whose node died mid-request lapses after `idempotency_lease_s`;
+//! - except on routes that submit a change to a host ([`JOINED_ROUTES`]): the change is recorded
+//!   under an id derived from the token, the key and the host ([`change_id`]), so a second request
+//!   while the first runs — or after the node that ran it died, or after its claim lapsed — finds
+//!   that change and answers with it instead of recording a second one (ARCHITECTURE §24);
 //! - responses with a 5xx status, bodies that are not UTF-8 and bodies over
 //!   `idempotency_max_bytes` are not kept (the key is forgotten and a retry runs again).
 
@@ -17,11 +21,41 @@ use std::sync::Arc;
 
 use axum::http::{HeaderMap, HeaderName, HeaderValue, StatusCode};
 use chrono::{DateTime, Utc};
-use comodit_store::{KeptResponse, Store, TokenId};
+use comodit_protocol::HostId;
+use comodit_store::{ChangeId, KeptResponse, Store, TokenId};
 use sha2::{Digest, Sha256};
 
 /// Longest accepted `Idempotency-Key`.
 pub(crate) const MAX_KEY_BYTES: usize = comodit_store::MAX_IDEMPOTENCY_KEY_BYTES;
+
+/// Routes (as matched) whose handler records its work as a change under [`change_id`]: a
+/// request there with a key that is still in progress joins the first request's change instead
+/// of being refused.
+pub(crate) const JOINED_ROUTES: &[&str] = &["/api/v1/hosts/{id}/run"];
+
+/// The token and key of a keyed request, for its handler (a request extension).
+#[derive(Clone, Debug)]
+pub struct IdempotencyKey {
+    pub token: TokenId,
+    pub key: String,
+}
+
+impl IdempotencyKey {
+    /// The id the change of this key's request to `host` is recorded under: the same for every
+    /// retry, so that the store finds the first one (sha256 of token, key and host, shaped as a
+    /// UUID).
+    pub fn change_id(&self, host: HostId) -> ChangeId {
+        let mut h = Sha256::new();
+        h.update(b"comodit change\0");
+        h.update(self.token.0.as_bytes());
+        h.update(host.0.as_bytes());
+        h.update(self.key.as_bytes());
+        let digest = h.finalize();
+        let mut bytes = [0u8; 16];
+        bytes.copy_from_slice(&digest[..16]);
+        ChangeId(uuid::Builder::from_random_bytes(bytes).into_uuid())
+    }
+}
 
 /// The fingerprint of a request (sha256, lowercase hex): what must be equal for a key to be
 /// replayed.
@@ -128,6 +162,22 @@ mod tests {
             fingerprint("POST", "/x", b"a"),
             fingerprint("POST", "/xa", b"")
         );
+    }
+
+    #[test]
+    fn change_ids_are_the_same_for_a_retry_and_differ_by_token_key_and_host() {
+        let (t1, t2) = (TokenId::random(), TokenId::random());
+        let (h1, h2) = (HostId::random(), HostId::random());
+        let k = |token, key: &str| IdempotencyKey {
+            token,
+            key: key.into(),
+        };
+        let a = k(t1, "a").change_id(h1);
+        assert_eq!(a, k(t1, "a").change_id(h1));
+        assert_ne!(a, k(t2, "a").change_id(h1));
+        assert_ne!(a, k(t1, "b").change_id(h1));
+        assert_ne!(a, k(t1, "a").change_id(h2));
+        assert_eq!(a.0.get_version_num(), 4, "shaped as a random UUID");
     }
 
     #[test]

@@ -51,7 +51,7 @@ use metrics_exporter_prometheus::PrometheusHandle;
 use tokio::sync::Semaphore;
 
 pub use auth::{hash_token, Caller};
-pub use gate::IDEMPOTENT_REPLAYED;
+pub use gate::{IDEMPOTENT_JOINED, IDEMPOTENT_REPLAYED};
 pub use problem::{ApiError, Problem};
 
 /// Routes that need no token. They are marked with an empty `security` in the document.

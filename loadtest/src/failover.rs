@@ -151,6 +151,7 @@ async fn run_in(
         &ApiOp::Run,
         ctx.c.concurrency,
         Duration::from_secs(ctx.c.deadline_s.min(600)),
+        ctx.c.idempotency_keys.then_some(rig.prefix.as_str()),
         Some(progress),
     )
     .await?;
@@ -193,6 +194,7 @@ async fn run_in(
         "api_answered": wave.answered,
         "api_requests_sent_again_to_a_survivor": resent,
         "api_failed": wave.failed,
+        "idempotency_keys_sent": ctx.c.idempotency_keys,
     });
     ctx.report.figures.push(
         Figure::new("unanswered hosts", unanswered as f64, "hosts").goal("0", unanswered == 0),
@@ -202,6 +204,17 @@ async fn run_in(
         (redelivered + second_commands) as f64,
         "commands",
     ));
+    // With keys, a request sent again joins the first one's change: no host gets a second one.
+    let second = Figure::new(
+        "second commands to a host (a request sent again made a new change)",
+        second_commands as f64,
+        "commands",
+    );
+    ctx.report.figures.push(if ctx.c.idempotency_keys {
+        second.goal("0 (Idempotency-Key sent)", second_commands == 0)
+    } else {
+        second
+    });
     ctx.report.figures.push(Figure::new(
         "from the kill until the last host answered",
         recovery_s,

@@ -305,17 +305,32 @@ impl Api {
         body: Option<&Value>,
         timeout: Duration,
     ) -> anyhow::Result<(u16, Value)> {
+        self.call_keyed(method, path, body, timeout, None).await
+    }
+
+    /// [`Api::call_async`] with an `Idempotency-Key`, if given.
+    pub async fn call_keyed(
+        &self,
+        method: &str,
+        path: &str,
+        body: Option<&Value>,
+        timeout: Duration,
+        key: Option<&str>,
+    ) -> anyhow::Result<(u16, Value)> {
         use http_body_util::BodyExt;
         let payload = match body {
             Some(b) => serde_json::to_vec(b)?,
             None => Vec::new(),
         };
-        let req = hyper::Request::builder()
+        let mut req = hyper::Request::builder()
             .method(method)
             .uri(format!("{}{path}", self.base))
             .header("authorization", &self.auth)
-            .header("content-type", "application/json")
-            .body(http_body_util::Full::new(hyper::body::Bytes::from(payload)))?;
+            .header("content-type", "application/json");
+        if let Some(key) = key {
+            req = req.header("idempotency-key", key);
+        }
+        let req = req.body(http_body_util::Full::new(hyper::body::Bytes::from(payload)))?;
         let exchange = async {
             let r = self.client.request(req).await?;
             let status = r.status().as_u16();

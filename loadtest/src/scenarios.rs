@@ -116,6 +116,12 @@ pub struct Common {
     /// (docs/performance.md).
     #[arg(long)]
     pub node_cpus: Option<String>,
+    /// Send an `Idempotency-Key` with every API POST (`run`, `failover`; `apply` is a PUT, which
+    /// takes none): a request sent again to another node after a transport error then joins the
+    /// first one's change instead of becoming a second command (ARCHITECTURE §24). Costs the node
+    /// two more store writes per request.
+    #[arg(long)]
+    pub idempotency_keys: bool,
 }
 
 pub struct Ctx {
@@ -798,6 +804,7 @@ pub async fn api_wave_scenario(ctx: &mut Ctx, op: ApiOp) -> anyhow::Result<()> {
             let wave_name = wave_name(name, i, n_waves);
             let t0 = ctx.started.elapsed().as_secs_f64();
             let meter = CpuMeter::start(&rig.pids());
+            let keys = format!("{}-{wave_name}", rig.prefix);
             let (mut wave, _) = api_wave(
                 &wave_name,
                 &rig.apis,
@@ -805,6 +812,7 @@ pub async fn api_wave_scenario(ctx: &mut Ctx, op: ApiOp) -> anyhow::Result<()> {
                 &op,
                 ctx.c.concurrency,
                 Duration::from_secs(ctx.c.deadline_s),
+                ctx.c.idempotency_keys.then_some(keys.as_str()),
                 None,
             )
             .await?;
@@ -925,6 +933,8 @@ pub async fn api_wave_scenario(ctx: &mut Ctx, op: ApiOp) -> anyhow::Result<()> {
 /// second change for its host). A 202 is followed until the change is no longer pending.
 /// `on_progress(answered)` is called after every answer (the failover scenario kills a node from
 /// there).
+/// `keys`: a prefix for an `Idempotency-Key` per request (`<prefix>-<host>`), or none.
+#[allow(clippy::too_many_arguments)]
 pub async fn api_wave(
     name: &str,
     apis: &[Api],
@@ -932,6 +942,7 @@ pub async fn api_wave(
     op: &ApiOp,
     concurrency: usize,
     deadline: Duration,
+    keys: Option<&str>,
     on_progress: Option<Arc<dyn Fn(usize) + Send + Sync>>,
 ) -> anyhow::Result<(Wave, u64)> {
     let resent = Arc::new(std::sync::atomic::AtomicU64::new(0));
@@ -945,7 +956,9 @@ pub async fn api_wave(
             let (resent, answered, progress) = (&resent, &answered, &on_progress);
             async move {
                 let t = Instant::now();
-                let (outcome, again) = one_request(apis, i, hosts[i], op, until).await;
+                let key = keys.map(|k| format!("{k}-{}", hosts[i]));
+                let (outcome, again) =
+                    one_request(apis, i, hosts[i], op, key.as_deref(), until).await;
                 resent.fetch_add(again, Ordering::Relaxed);
                 let done = Instant::now();
                 let n = answered.fetch_add(1, Ordering::Relaxed) + 1;
@@ -992,6 +1005,7 @@ async fn one_request(
     i: usize,
     host: HostId,
     op: &ApiOp,
+    key: Option<&str>,
     until: Instant,
 ) -> (Outcome, u64) {
     let wait = until
@@ -1017,7 +1031,10 @@ async fn one_request(
     for k in 0..apis.len() {
         let api = &apis[(i + k) % apis.len()];
         let again = k as u64;
-        match api.call_async(method, &path, Some(&body), timeout).await {
+        match api
+            .call_keyed(method, &path, Some(&body), timeout, key)
+            .await
+        {
             Ok((200, v)) => return (Outcome::Done(is_ok(&v)), again),
             Ok((202, v)) => return (follow(api, host, &v, until).await, again),
             Ok((status, v)) => {

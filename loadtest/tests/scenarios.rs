@@ -277,11 +277,21 @@ fn steady_measures_both_liveness_modes_over_the_whole_fleet() {
 #[test]
 fn failover_counts_every_host_after_a_member_is_killed() {
     let (pg, _db) = comodit_testkit::fresh_pg_database();
-    let (r, _dir) = run(&["failover", "--postgres-url", &pg, "--kill-after", "0.3"]);
+    let (r, _dir) = run(&[
+        "failover",
+        "--postgres-url",
+        &pg,
+        "--kill-after",
+        "0.3",
+        "--idempotency-keys",
+    ]);
     let c = &r["counts"];
     assert_eq!(c["counted"], HOSTS, "{c}");
     assert_eq!(c["unanswered"], 0, "{c}");
     assert!(c["duplicated"].is_u64(), "{c}");
+    // Requests sent again after the kill carried their keys: each joined its first change.
+    assert_eq!(c["idempotency_keys_sent"], true, "{c}");
+    assert_eq!(c["second_command_same_host"], 0, "{c}");
     let f = figure(&r, "from the kill until the last host answered");
     assert!(f["value"].as_f64().unwrap() >= 0.0, "{f}");
 }

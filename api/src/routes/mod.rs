@@ -21,6 +21,7 @@ use comodit_store::Page;
 use serde::Serialize;
 
 use crate::auth::Caller;
+use crate::idempotency::IdempotencyKey;
 use crate::problem::ApiError;
 use crate::views::{ChangeView, PageQuery};
 use crate::{ApiLimits, Shared};
@@ -73,17 +74,21 @@ pub(crate) fn wait_of(
 /// Hands a validated command body to the host's actor and answers with the change: 200 when the
 /// agent answered within the wait (whatever the agent's status: it is in `result.status`), 202 with
 /// a `Location` to follow otherwise.
+/// `key`: the request's `Idempotency-Key`, on routes that record their change under it
+/// (`idempotency::JOINED_ROUTES`).
 pub(crate) async fn submit(
     app: &Shared,
     caller: &Caller,
     host: HostId,
     body: Body,
     wait: Option<Duration>,
+    key: Option<&IdempotencyKey>,
 ) -> Result<Response, ApiError> {
     let opts = SubmitOptions {
         wait,
         requested_by: caller.name().to_owned(),
         ttl: Duration::from_secs(app.state.limits.change_ttl_s),
+        change_id: key.map(|k| k.change_id(host)),
     };
     let op = body.op();
     // The actors bound their own waits; this is the API's guard against one that never answers,

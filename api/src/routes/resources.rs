@@ -36,6 +36,7 @@ use serde::Deserialize;
 use utoipa::IntoParams;
 
 use crate::auth::{Caller, Resolved};
+use crate::idempotency::IdempotencyKey;
 use crate::problem::ApiError;
 use crate::routes::{submit, wait_of};
 use crate::views::{ChangeView, PutResource, RunBody};
@@ -177,7 +178,7 @@ pub async fn list_resources(
         collection: c,
         under: q.under,
     };
-    submit(&app, &caller, host, body, wait).await
+    submit(&app, &caller, host, body, wait, None).await
 }
 
 /// Reads the actual state of one resource, in its spec's shape (`ensure: absent` when it does
@@ -203,7 +204,7 @@ pub async fn get_resource(
     let host = res.host()?.id;
     let r#ref = resource_ref(&p)?;
     let wait = wait_of(&app.state.limits, q.asynchronous, q.wait_s)?;
-    submit(&app, &caller, host, Body::Read { r#ref }, wait).await
+    submit(&app, &caller, host, Body::Read { r#ref }, wait, None).await
 }
 
 /// Applies the desired state of one resource (an `apply` of that resource alone). The body is
@@ -245,7 +246,7 @@ pub async fn put_resource(
         monitor: body.monitor.unwrap_or(true),
         resources: vec![resource],
     };
-    submit(&app, &caller, host, cmd, wait).await
+    submit(&app, &caller, host, cmd, wait, None).await
 }
 
 /// Makes one resource absent (deletes the file, uninstalls the package, ...) and drops it from
@@ -274,7 +275,7 @@ pub async fn delete_resource(
         mode: mode(q.dry_run),
         refs: vec![r#ref],
     };
-    submit(&app, &caller, host, cmd, wait).await
+    submit(&app, &caller, host, cmd, wait, None).await
 }
 
 /// Runs a program on the host (argv, never a shell unless argv names one). The output is in
@@ -291,6 +292,7 @@ pub async fn run_command(
     State(app): State<Arc<Shared>>,
     Extension(caller): Extension<Caller>,
     Extension(res): Extension<Resolved>,
+    key: Option<Extension<IdempotencyKey>>,
     Query(q): Query<WaitQuery>,
     Json(body): Json<RunBody>,
 ) -> Result<Response, ApiError> {
@@ -305,7 +307,8 @@ pub async fn run_command(
     spec.validate()
         .map_err(|e| ApiError::from_protocol(StatusCode::UNPROCESSABLE_ENTITY, &e))?;
     let wait = wait_of(&app.state.limits, q.asynchronous, q.wait_s)?;
-    submit(&app, &caller, host, Body::Run(spec), wait).await
+    let key = key.as_ref().map(|Extension(k)| k);
+    submit(&app, &caller, host, Body::Run(spec), wait, key).await
 }
 
 #[cfg(test)]

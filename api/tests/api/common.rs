@@ -19,7 +19,7 @@ use comodit_protocol::{
 use comodit_store::embedded::EmbeddedStore;
 use comodit_store::{
     ApiToken, Change, ChangeId, ChangeStatus, EnvId, Environment, Host, OrgId, Organization, Role,
-    Scope, Store, TokenId,
+    Scope, Store, StoreError, TokenId,
 };
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
 use serde_json::Value;
@@ -47,6 +47,7 @@ pub struct Submit {
     pub body: Body,
     pub wait: Option<Duration>,
     pub requested_by: String,
+    pub change_id: Option<ChangeId>,
 }
 
 pub struct FakeOps {
@@ -80,6 +81,7 @@ impl HostOps for FakeOps {
             body: body.clone(),
             wait: opts.wait,
             requested_by: opts.requested_by.clone(),
+            change_id: opts.change_id,
         });
         let answer = self
             .script
@@ -90,7 +92,7 @@ impl HostOps for FakeOps {
         let now = Utc::now();
         let command_id = CommandId::random();
         let mut change = Change {
-            id: ChangeId::random(),
+            id: opts.change_id.unwrap_or_else(ChangeId::random),
             host,
             seq: 0,
             request: serde_json::to_value(&body).unwrap(),
@@ -140,7 +142,19 @@ impl HostOps for FakeOps {
                 true
             }
         };
-        let change = self.store.append_change(&change).await?;
+        let change = match self.store.append_change(&change).await {
+            Ok(c) => c,
+            // As the runtime does: a change asked for again under its id answers with the first.
+            Err(StoreError::Conflict(_)) if opts.change_id.is_some() => {
+                let first = self.store.get_change(host, change.id).await?.unwrap();
+                return Ok(if first.status.is_pending() {
+                    Submitted::Pending(first)
+                } else {
+                    Submitted::Completed(first)
+                });
+            }
+            Err(e) => return Err(e.into()),
+        };
         Ok(if completed {
             Submitted::Completed(change)
         } else {

@@ -457,7 +457,9 @@ async fn idempotency_keys_hold_across_nodes_sharing_the_store() {
     let r = TestApp::send_to(&app.peer, other).await;
     assert_eq!(r.status, StatusCode::UNPROCESSABLE_ENTITY, "{}", r.text);
 
-    // A key whose first request still runs on one node is refused on the other, never run twice.
+    // A key whose first request still runs on one node: on the other, a run joins the first
+    // request's change (its id is derived from the key, so the store finds it there and nothing is
+    // recorded or sent twice; the actors' tests check that part); other routes refuse it (409).
     app.ops.answer(Answer::Hang);
     let (first_node, busy) = (
         app.router.clone(),
@@ -478,14 +480,24 @@ async fn idempotency_keys_hold_across_nodes_sharing_the_store() {
         keyed(&run, &admin, "busy-1", json!({"argv": ["reboot"]})),
     )
     .await;
-    assert_eq!(r.status, StatusCode::CONFLICT, "{}", r.text);
+    assert_eq!(r.status, StatusCode::OK, "{}", r.text);
+    assert!(r.header("idempotent-replayed").is_none());
+    assert_eq!(r.header("idempotent-joined").as_deref(), Some("true"));
+    let submits = app.ops.submits();
+    assert_eq!(submits.len(), 3);
+    let joined = submits[2].change_id.expect("a keyed run names its change");
     assert_eq!(
-        r.problem().r#type,
-        "urn:comodit:problem:idempotency-in-progress"
+        Some(joined),
+        submits[1].change_id,
+        "the same change as the first request"
     );
-    assert_eq!(app.ops.submits().len(), 2);
+    assert_eq!(r.json()["id"], joined.to_string());
+    assert_ne!(
+        submits[0].change_id, submits[1].change_id,
+        "another key, another change"
+    );
     // The client gives up on the first request: its claim is released in the background, and a
-    // retry then runs.
+    // retry then runs (under the same change id, so it would find the first change, if any).
     running.abort();
     let retry = loop {
         let r = TestApp::send_to(
@@ -493,7 +505,7 @@ async fn idempotency_keys_hold_across_nodes_sharing_the_store() {
             keyed(&run, &admin, "busy-1", json!({"argv": ["reboot"]})),
         )
         .await;
-        if r.status != StatusCode::CONFLICT {
+        if r.header("idempotent-joined").is_none() {
             break r;
         }
         assert!(
@@ -503,7 +515,8 @@ async fn idempotency_keys_hold_across_nodes_sharing_the_store() {
         tokio::time::sleep(Duration::from_millis(10)).await;
     };
     assert_eq!(retry.status, StatusCode::OK, "{}", retry.text);
-    assert_eq!(app.ops.submits().len(), 3);
+    let submits = app.ops.submits();
+    assert_eq!(submits.last().unwrap().change_id, Some(joined));
 
     // A failed request (5xx) frees its key: the retry runs.
     app.ops.answer(Answer::Fail("broker down"));
