@@ -29,6 +29,11 @@ pub struct ActorsConfig {
     /// How often each shard looks for host actors with something due (silence, re-sends,
     /// expiries). Default 1 s.
     pub sweep_interval: Duration,
+    /// How often each shard asks the store which of its hosts have pending changes, so that a
+    /// change whose kick never came (the node that recorded it died first, or could not publish
+    /// it) is sent anyway. Actors that already track pending work are not disturbed; the others
+    /// read their log. Default 60 s.
+    pub pending_recheck: Duration,
     /// How long a delivery whose effect could not be made durable (store error, lease lost) is
     /// held before it is put back in its queue. Default 1 s.
     pub requeue_delay: Duration,
@@ -65,6 +70,7 @@ impl Default for ActorsConfig {
             node_user: "comodit-node".into(),
             last_seen_write_s: 60,
             sweep_interval: Duration::from_secs(1),
+            pending_recheck: Duration::from_secs(60),
             requeue_delay: Duration::from_secs(1),
             publish_retry: Duration::from_secs(2),
             dispatch_record_delay: Duration::from_secs(2),

@@ -61,6 +61,11 @@ pub(crate) struct Tick;
 #[rtype(result = "()")]
 pub(crate) struct LocalKick;
 
+/// The store says this host has pending changes (the shard's periodic recheck).
+#[derive(Message)]
+#[rtype(result = "()")]
+pub(crate) struct Recheck;
+
 #[derive(Message)]
 #[rtype(result = "Result<Change, OpsError>")]
 pub(crate) struct Cancel(pub ChangeId);
@@ -261,6 +266,27 @@ impl Handler<LocalKick> for HostActor {
         }
         self.run(move |mut s| async move {
             let flow = s.on_kick().await.err().map_or(Flow::Continue, |f| f.flow());
+            (s, (), flow)
+        })
+    }
+}
+
+impl Handler<Recheck> for HostActor {
+    type Result = AtomicResponse<Self, ()>;
+
+    fn handle(&mut self, _: Recheck, _: &mut Context<Self>) -> Self::Result {
+        if self.retired {
+            return AtomicResponse::new(Box::pin(actix::fut::ready(())));
+        }
+        self.run(move |mut s| async move {
+            // An actor that tracks pending work will read its log again when that work ends or the
+            // next kick comes; one that tracks none while the store holds some missed a kick.
+            let flow = if s.loaded && !s.pending.is_empty() {
+                Flow::Continue
+            } else {
+                metrics::counter!(m::RECHECKS).increment(1);
+                s.on_kick().await.err().map_or(Flow::Continue, |f| f.flow())
+            };
             (s, (), flow)
         })
     }

@@ -12,6 +12,7 @@
 //! | `comodit_node_stale_epoch_total` | counter | (fenced writes refused by the store) |
 //! | `comodit_node_store_errors_total` | counter | |
 //! | `comodit_node_submits_joined_total` | counter | (a change asked for again under its id: answered with the first) |
+//! | `comodit_node_pending_rechecks_total` | counter | (actors that read their log because the shard's recheck found pending changes they did not track) |
 
 pub const HOST_ACTORS: &str = "comodit_node_host_actors";
 pub const MESSAGES: &str = "comodit_node_messages_total";
@@ -23,6 +24,7 @@ pub const EXPIRED: &str = "comodit_node_changes_expired_total";
 pub const STALE_EPOCH: &str = "comodit_node_stale_epoch_total";
 pub const STORE_ERRORS: &str = "comodit_node_store_errors_total";
 pub const SUBMITS_JOINED: &str = "comodit_node_submits_joined_total";
+pub const RECHECKS: &str = "comodit_node_pending_rechecks_total";
 
 pub(crate) fn rejected(reason: &'static str) {
     metrics::counter!(REJECTED, "reason" => reason).increment(1);

@@ -27,7 +27,7 @@ use comodit_store::{HostFilter, Page};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
-use crate::host::{now_ms, HostActor, Inbound, Shutdown, Tick};
+use crate::host::{now_ms, HostActor, Inbound, Recheck, Shutdown, Tick};
 use crate::metrics as m;
 use crate::pending::NEVER;
 use crate::runtime::Core;
@@ -119,6 +119,13 @@ pub(crate) async fn run(core: Arc<Core>, srt: Arc<ShardRt>) {
     let resume = tokio::spawn(resume(core.clone(), srt.clone()));
     let mut sweep = tokio::time::interval(core.config.sweep_interval);
     sweep.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+    // The first recheck one period after the start: `resume` covers the start itself.
+    let mut recheck = tokio::time::interval_at(
+        tokio::time::Instant::now() + core.config.pending_recheck,
+        core.config.pending_recheck,
+    );
+    recheck.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+    let mut rechecking: Option<tokio::task::JoinHandle<()>> = None;
     let mut log = LogLimit::default();
     loop {
         tokio::select! {
@@ -127,6 +134,12 @@ pub(crate) async fn run(core: Arc<Core>, srt: Arc<ShardRt>) {
             biased;
             _ = srt.stop.cancelled() => break,
             _ = sweep.tick() => sweep_once(&core, &srt),
+            _ = recheck.tick() => {
+                // One at a time per shard: a slow store skips a round rather than piling up.
+                if rechecking.as_ref().is_none_or(|t| t.is_finished()) {
+                    rechecking = Some(tokio::spawn(recheck_pending(core.clone(), srt.clone())));
+                }
+            }
             d = consumer.next() => match d {
                 Some(d) => route(&core, &srt, d, &mut log).await,
                 None => break,
@@ -134,6 +147,9 @@ pub(crate) async fn run(core: Arc<Core>, srt: Arc<ShardRt>) {
         }
     }
     resume.abort();
+    if let Some(t) = rechecking {
+        t.abort();
+    }
     stop_actors(&core, &srt).await;
     // Deliveries still buffered go back to the queue with the consumer's channel.
     drop(consumer);
@@ -278,6 +294,26 @@ async fn reject(shard: Shard, d: Delivery, r: Reject, log: &mut LogLimit) {
     });
     if let Err(e) = d.ack().await {
         debug!(error = %e, "ack of a rejected message not sent");
+    }
+}
+
+/// Sends [`Recheck`] to the actor of every host of the shard the store has pending changes for
+/// (starting the actors that do not run).
+async fn recheck_pending(core: Arc<Core>, srt: Arc<ShardRt>) {
+    if core.ownership.epoch(srt.shard).is_none() {
+        return;
+    }
+    match core.store.hosts_with_pending_changes(srt.shard.0).await {
+        Ok(hosts) => {
+            for host in hosts {
+                if srt.stop.is_cancelled() {
+                    return;
+                }
+                // Waits for room in the mailbox rather than dropping the recheck.
+                let _ = srt.actor(&core, host).send(Recheck).await;
+            }
+        }
+        Err(e) => warn!(shard = %srt.shard, error = %e, "cannot list the shard's pending changes"),
     }
 }
 

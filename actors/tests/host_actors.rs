@@ -306,6 +306,57 @@ async fn joining_an_unsent_change_gets_it_sent() {
     node.finish().await;
 }
 
+/// A change recorded by a node that died before telling the owner, and never asked for again:
+/// the shard's periodic look at the store finds it, and it is sent.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_pending_recheck_sends_a_change_nobody_kicked() {
+    init_logs();
+    let rechecks = || recorder().counter("comodit_node_pending_rechecks_total{}");
+    let before = rechecks();
+    let mut node = Node::new(|c| c.pending_recheck = Duration::from_secs(2)).await;
+    let (host, pw) = node.add_host().await;
+    let mut agent = node.agent(host, &pw).await;
+    agent.hello().await;
+    // The host's actor has loaded its log: it learns of new changes from kicks only.
+    let first = {
+        let orch = node.orch().clone();
+        tokio::spawn(async move {
+            let wait = opts(Some(Duration::from_secs(20)));
+            orch.submit(host, ping(), wait).await
+        })
+    };
+    let cmd = agent.command().await;
+    agent.reply_ok(&cmd).await;
+    assert!(matches!(first.await.unwrap(), Ok(Submitted::Completed(_))));
+    let now = Utc::now();
+    let orphan = node
+        .store()
+        .append_change(&Change {
+            id: ChangeId::random(),
+            host,
+            seq: 0,
+            request: serde_json::to_value(ping()).unwrap(),
+            status: ChangeStatus::Queued,
+            command_id: CommandId::random(),
+            epoch: Epoch(1),
+            requested_by: "a node that died".into(),
+            created_at: now,
+            updated_at: now,
+            expires_at: now + chrono::Duration::minutes(10),
+            reply: None,
+        })
+        .await
+        .unwrap();
+    let cmd = agent.command().await;
+    assert_eq!(cmd.id, orphan.command_id);
+    agent.reply_ok(&cmd).await;
+    node.wait_for_status(host, orphan.id, ChangeStatus::Applied)
+        .await;
+    assert!(rechecks() > before, "found by a recheck");
+    agent.disconnect().await;
+    node.finish().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn offline_host_gets_its_command_once_when_it_comes_back() {
     init_logs();
