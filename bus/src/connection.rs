@@ -52,7 +52,7 @@ pub(crate) struct Shared {
     hooks: Mutex<Vec<Hook>>,
     hooks_added: Notify,
     /// Bounds the publishes in flight (and so the channels the publisher opens).
-    pub(crate) publish_slots: Semaphore,
+    pub(crate) publish_slots: Arc<Semaphore>,
 }
 
 /// One established connection, after its `on_connect` routines ran.
@@ -117,7 +117,7 @@ impl Bus {
             generation,
             hooks: Mutex::new(Vec::new()),
             hooks_added: Notify::new(),
-            publish_slots: Semaphore::new(MAX_PUBLISHES_IN_FLIGHT),
+            publish_slots: Arc::new(Semaphore::new(MAX_PUBLISHES_IN_FLIGHT)),
         });
         tokio::spawn(connection_task(shared.clone()).instrument(span));
         Bus { shared }

@@ -109,9 +109,11 @@ impl Bus {
     /// [`BusError::Unknown`] (connection lost after sending, before the confirm).
     /// [`BusError::Invalid`] and [`BusError::Amqp`] are failures before anything was sent.
     ///
-    /// Dropping the future before it resolves leaves the outcome unknown. While the broker
-    /// blocks the connection (memory or disk alarm) the confirm waits for it to unblock: wrap
-    /// the call in a timeout where that cannot wait.
+    /// Dropping the future before it resolves leaves the outcome unknown; the publish itself goes
+    /// on until its confirm comes, keeping its slot and its channel (so callers that give up do
+    /// not open channel after channel while the broker is slow). While the broker blocks the
+    /// connection (memory or disk alarm) the confirm waits for it to unblock: wrap the call in a
+    /// timeout where that cannot wait.
     pub async fn publish(
         &self,
         exchange: &str,
@@ -124,15 +126,27 @@ impl Bus {
         if self.shared.shutdown.is_cancelled() {
             return Err(BusError::Shutdown);
         }
-        let _slot = tokio::select! {
+        let slot = tokio::select! {
             _ = self.shared.shutdown.cancelled() => return Err(BusError::Shutdown),
-            slot = self.shared.publish_slots.acquire() => slot.map_err(|_| BusError::Shutdown)?,
+            slot = self.shared.publish_slots.clone().acquire_owned() => slot.map_err(|_| BusError::Shutdown)?,
         };
         let live = self.current().ok_or(BusError::NotConnected)?;
-        let channel = live.take_publish_channel().await?;
-        let outcome = send_confirmed(&channel, exchange, routing_key, &msg).await;
-        live.return_publish_channel(channel);
-        outcome
+        let (exchange, routing_key) = (exchange.to_owned(), routing_key.to_owned());
+        // On a task of its own: a caller that stops waiting (a timeout) must neither free the
+        // slot nor drop the channel while the confirm is outstanding. Otherwise, with the broker
+        // slow, every timed-out publish left a channel open and the next one opened another, up
+        // to the connection's channel_max (seen in a failover: "the maximum number of channels
+        // for this connection has been reached", and no command could be sent).
+        let publish = tokio::spawn(async move {
+            let _slot = slot;
+            let channel = live.take_publish_channel().await?;
+            let outcome = send_confirmed(&channel, &exchange, &routing_key, &msg).await;
+            live.return_publish_channel(channel);
+            outcome
+        });
+        publish
+            .await
+            .unwrap_or_else(|e| Err(BusError::Unknown(format!("the publish task ended: {e}"))))
     }
 
     /// Sends a request with `reply_to` set to RabbitMQ's direct reply-to and waits up to

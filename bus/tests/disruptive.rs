@@ -214,3 +214,76 @@ async fn a_consumer_survives_a_broker_restart_body() {
     wait_counts(shard, (1, 0)).await;
     shutdown.cancel();
 }
+
+#[test]
+fn publishes_given_up_on_while_confirms_are_slow_keep_their_channels_bounded() {
+    common::init_logs();
+    let _lock = kit::broker_lock();
+    common::runtime().block_on(publishes_given_up_on_body());
+}
+
+/// Callers that stop waiting for a confirm (a timeout) while the broker is slow to confirm: the
+/// abandoned publishes keep their slots and channels until their confirms come, so no more than
+/// `MAX_PUBLISHES_IN_FLIGHT` channels are open, and once the broker catches up publishing goes
+/// on. (What this cannot show on a healthy broker: before, each abandoned publish dropped its
+/// channel and the next opened a new one; under a failover's load the broker answered the closes
+/// so late that lapin ran out of channel numbers — "the maximum number of channels for this
+/// connection has been reached" — and no command went out. Here the closes are answered at once.)
+async fn publishes_given_up_on_body() {
+    let names = kit::unique_names();
+    let host = HostId::random();
+    let _cleanup = kit::Cleanup {
+        prefix: names.prefix().to_owned(),
+        users: vec![host.to_string()],
+    };
+    let shutdown = CancellationToken::new();
+    let (admin, agent) = admin_and_agent(&names, host, 1, &shutdown).await;
+    let key = UpKey::new(host, 1, UpKind::Heartbeat).to_string();
+    let up = names.up_exchange();
+    // A classic queue that also gets the host's heartbeats: a confirm needs every queue's.
+    let slow = format!("{}.slow", names.prefix());
+    let ch = admin.channel().await.unwrap();
+    ch.queue_declare(
+        slow.as_str().into(),
+        lapin::options::QueueDeclareOptions::default(),
+        lapin::types::FieldTable::default(),
+    )
+    .await
+    .unwrap();
+    ch.queue_bind(
+        slow.as_str().into(),
+        up.as_str().into(),
+        key.as_str().into(),
+        lapin::options::QueueBindOptions::default(),
+        lapin::types::FieldTable::default(),
+    )
+    .await
+    .unwrap();
+    let heartbeat = || {
+        let mut m = OutMessage::json("heartbeat", b"{}".to_vec());
+        m.user_id = Some(host.to_string());
+        m
+    };
+    const GIVEN_UP: usize = 3 * comodit_bus::MAX_PUBLISHES_IN_FLIGHT;
+    let suspended = {
+        let slow = slow.clone();
+        blocking(move || kit::SuspendedQueue::suspend(&slow)).await
+    };
+    for _ in 0..GIVEN_UP {
+        let publish = agent.publish(&up, &key, heartbeat());
+        let r = tokio::time::timeout(Duration::from_millis(20), publish).await;
+        assert!(r.is_err(), "no confirm while the queue is suspended");
+    }
+    let user = host.to_string();
+    let open = blocking(move || kit::user_channel_count(&user)).await;
+    blocking(move || drop(suspended)).await;
+    assert!(
+        open <= comodit_bus::MAX_PUBLISHES_IN_FLIGHT,
+        "{open} channels open for {GIVEN_UP} abandoned publishes"
+    );
+    tokio::time::timeout(common::DEADLINE, agent.publish(&up, &key, heartbeat()))
+        .await
+        .expect("a publish confirmed once the queue runs again")
+        .unwrap();
+    shutdown.cancel();
+}

@@ -207,6 +207,49 @@ pub fn user_connection_count(user: &str) -> usize {
     out.lines().filter(|l| l.trim() == user).count()
 }
 
+/// How many channels one broker user's connections have open, from `rabbitmqctl`.
+pub fn user_channel_count(user: &str) -> usize {
+    let out = rabbitmqctl(&[
+        "list_connections",
+        "-q",
+        "--no-table-headers",
+        "user",
+        "channels",
+    ]);
+    out.lines()
+        .filter_map(|l| l.split_once('\t'))
+        .filter(|(u, _)| u.trim() == user)
+        .map(|(_, n)| n.trim().parse::<usize>().unwrap_or(0))
+        .sum()
+}
+
+/// Suspends the Erlang process of a classic queue of the vhost `/` until the guard is dropped:
+/// messages routed to it are neither stored nor confirmed meanwhile — a broker slow to confirm —
+/// while every connection goes on working. Hold [`broker_lock`].
+pub struct SuspendedQueue {
+    name: String,
+}
+
+impl SuspendedQueue {
+    pub fn suspend(name: &str) -> SuspendedQueue {
+        rabbitmqctl(&["eval", &queue_process_call(name, "suspend")]);
+        SuspendedQueue { name: name.into() }
+    }
+}
+
+impl Drop for SuspendedQueue {
+    fn drop(&mut self) {
+        rabbitmqctl(&["eval", &queue_process_call(&self.name, "resume")]);
+    }
+}
+
+fn queue_process_call(queue: &str, f: &str) -> String {
+    format!(
+        "{{ok, Q}} = rabbit_amqqueue:lookup(rabbit_misc:r(<<\"/\">>, queue, <<\"{queue}\">>)), \
+         sys:{f}(amqqueue:get_pid(Q))."
+    )
+}
+
 /// Deletes every exchange and queue of the test vhost whose name starts with `prefix`, and
 /// every broker user whose permissions there name the prefix (the node's enrollment user, the
 /// hosts it enrolled). Best-effort: failures are printed, not raised, so cleanup never hides a
