@@ -238,8 +238,22 @@ impl SuspendedQueue {
 }
 
 impl Drop for SuspendedQueue {
+    /// Never panics (it may run while a failed test unwinds, and a second panic would abort
+    /// before the test's cleanup ran): a failure is printed.
     fn drop(&mut self) {
-        rabbitmqctl(&["eval", &queue_process_call(&self.name, "resume")]);
+        let call = queue_process_call(&self.name, "resume");
+        match Command::new("rabbitmqctl").args(["eval", &call]).output() {
+            Ok(out) if out.status.success() => {}
+            Ok(out) => eprintln!(
+                "could not resume queue {}: {}",
+                self.name,
+                String::from_utf8_lossy(&out.stderr)
+            ),
+            Err(e) => eprintln!(
+                "could not run rabbitmqctl to resume queue {}: {e}",
+                self.name
+            ),
+        }
     }
 }
 
