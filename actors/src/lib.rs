@@ -62,7 +62,7 @@ mod ticket;
 pub mod validate;
 
 pub use config::ActorsConfig;
-pub use runtime::Orchestrator;
+pub use runtime::{Buses, Orchestrator};
 
 use std::time::Duration;
 

@@ -46,6 +46,8 @@ pub(crate) struct Core {
     pub config: ActorsConfig,
     pub store: Arc<dyn Store>,
     pub bus: Bus,
+    /// Where kicks are published ([`Buses`]).
+    pub kick_bus: Bus,
     pub names: Names,
     pub down_exchange: String,
     pub ownership: Arc<dyn Ownership>,
@@ -168,6 +170,26 @@ struct Control {
     thread: std::thread::JoinHandle<()>,
 }
 
+/// The broker connections of the runtime: `bus` for everything but kicks, `kicks` for those.
+/// Kicks are messages in quorum shard queues, confirmed only once on disk; in a failover they come
+/// by the hundred and their confirms took seconds, and on a shared connection they held the
+/// publish slots (and the broker's flow control held the connection) that commands to the hosts
+/// waited for. A node gives them a connection of their own; `From<Bus>` shares one.
+#[derive(Clone)]
+pub struct Buses {
+    pub bus: Bus,
+    pub kicks: Bus,
+}
+
+impl From<Bus> for Buses {
+    fn from(bus: Bus) -> Buses {
+        Buses {
+            kicks: bus.clone(),
+            bus,
+        }
+    }
+}
+
 impl Orchestrator {
     /// Starts the actix system and a shard task per owned shard, and follows ownership changes.
     /// The caller declares the broker topology (`comodit_bus::topology::declare_core`). Must be
@@ -176,7 +198,7 @@ impl Orchestrator {
     pub async fn start(
         config: ActorsConfig,
         store: Arc<dyn Store>,
-        bus: Bus,
+        buses: impl Into<Buses>,
         names: Names,
         ownership: Arc<dyn Ownership>,
         shutdown: CancellationToken,
@@ -193,12 +215,14 @@ impl Orchestrator {
             publish_retry_ms: millis(config.publish_retry),
             record_delay_ms: millis(config.dispatch_record_delay),
         };
+        let Buses { bus, kicks } = buses.into();
         let core = Arc::new(Core {
             work: Semaphore::new(config.max_concurrent_tasks.max(1)),
             config,
             store,
             down_exchange: names.down_exchange(),
             bus,
+            kick_bus: kicks,
             names,
             ownership,
             n_shards,
@@ -361,7 +385,7 @@ impl Orchestrator {
         let key = UpKey::new(host, core.n_shards, UpKind::Kick).to_string();
         let published = tokio::time::timeout(
             core.config.actor_call_timeout,
-            core.bus.publish(&core.names.up_exchange(), &key, msg),
+            core.kick_bus.publish(&core.names.up_exchange(), &key, msg),
         )
         .await;
         match published {

@@ -6,7 +6,7 @@
 //! between (unknown). At most [`MAX_PUBLISHES_IN_FLIGHT`](crate::MAX_PUBLISHES_IN_FLIGHT)
 //! publishes are in flight; more wait for a slot, and none is queued while disconnected.
 
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use comodit_protocol::limits::MAX_MESSAGE_BYTES;
 use futures_util::StreamExt;
@@ -17,6 +17,13 @@ use tracing::{debug, warn};
 
 use crate::error::is_not_sent;
 use crate::{Bus, BusError};
+
+/// Seconds a publish waited for one of the connection's publish slots.
+pub const SLOT_WAIT: &str = "comodit_bus_publish_slot_wait_seconds";
+/// Seconds a publish waited for a channel (an idle one, or a new one opened).
+pub const CHANNEL_WAIT: &str = "comodit_bus_publish_channel_wait_seconds";
+/// Seconds from sending a message to its confirm (or other outcome), by exchange.
+pub const CONFIRM_WAIT: &str = "comodit_bus_publish_confirm_seconds";
 
 /// A message to publish. `content_type` is always `application/json` and `timestamp` is set to
 /// the time of publishing.
@@ -126,10 +133,12 @@ impl Bus {
         if self.shared.shutdown.is_cancelled() {
             return Err(BusError::Shutdown);
         }
+        let asked = Instant::now();
         let slot = tokio::select! {
             _ = self.shared.shutdown.cancelled() => return Err(BusError::Shutdown),
             slot = self.shared.publish_slots.clone().acquire_owned() => slot.map_err(|_| BusError::Shutdown)?,
         };
+        metrics::histogram!(SLOT_WAIT).record(asked.elapsed().as_secs_f64());
         let live = self.current().ok_or(BusError::NotConnected)?;
         let (exchange, routing_key) = (exchange.to_owned(), routing_key.to_owned());
         // On a task of its own: a caller that stops waiting (a timeout) must neither free the
@@ -139,8 +148,13 @@ impl Bus {
         // for this connection has been reached", and no command could be sent).
         let publish = tokio::spawn(async move {
             let _slot = slot;
+            let started = Instant::now();
             let channel = live.take_publish_channel().await?;
+            metrics::histogram!(CHANNEL_WAIT).record(started.elapsed().as_secs_f64());
+            let sent = Instant::now();
             let outcome = send_confirmed(&channel, &exchange, &routing_key, &msg).await;
+            metrics::histogram!(CONFIRM_WAIT, "exchange" => exchange)
+                .record(sent.elapsed().as_secs_f64());
             live.return_publish_channel(channel);
             outcome
         });

@@ -234,6 +234,19 @@ pub async fn run(
     bus.wait_connected(Duration::from_secs(60))
         .await
         .map_err(|e| NodeError::Bus(e.to_string()))?;
+    // Kicks on a connection of their own (comodit_actors::Buses).
+    let kick_bus = Bus::start(
+        BusConfig {
+            url: config.broker_url.clone(),
+            connection_name: "comodit-node-kicks".into(),
+            ..BusConfig::default()
+        },
+        bus_stop.clone(),
+    );
+    kick_bus
+        .wait_connected(Duration::from_secs(60))
+        .await
+        .map_err(|e| NodeError::Bus(e.to_string()))?;
 
     let orchestrator = Orchestrator::start(
         ActorsConfig {
@@ -247,7 +260,10 @@ pub async fn run(
             ..ActorsConfig::default()
         },
         store.clone(),
-        bus.clone(),
+        comodit_actors::Buses {
+            bus: bus.clone(),
+            kicks: kick_bus,
+        },
         names.clone(),
         ownership,
         shutdown.clone(),
