@@ -371,6 +371,19 @@ impl Orchestrator {
         self.kick_with(host, None).await
     }
 
+    /// Tells the host's owner to look at the store: the owner's own actor directly (`local`: this
+    /// node owns the shard) — no broker round trip; a kick is a persistent message in a quorum
+    /// shard queue, as costly to the broker as the command itself (ARCHITECTURE §15) — otherwise,
+    /// or when the actor is not there, a kick.
+    async fn tell_owner(&self, host: HostId, local: bool) {
+        if local {
+            if let Ok(addr) = self.actor(host) {
+                return addr.do_send(LocalKick);
+            }
+        }
+        self.kick(host).await
+    }
+
     /// A kick through the host's own stream; `cancel`: the owner also cancels that change.
     async fn kick_with(&self, host: HostId, cancel: Option<ChangeId>) {
         let core = &self.core;
@@ -527,10 +540,7 @@ impl HostOps for Orchestrator {
                 // The node that recorded it may have died before it told the owner (the retry is
                 // often why we are here): tell the owner again; a kick for work it already has is
                 // a no-op.
-                match self.actor(host) {
-                    Ok(addr) if local => addr.do_send(LocalKick),
-                    _ => self.kick(host).await,
-                }
+                self.tell_owner(host, local).await;
                 return match opts.wait {
                     None => Ok(Submitted::Pending(first)),
                     Some(wait) => poll_outcome(&core, first, wait).await,
@@ -547,7 +557,7 @@ impl HostOps for Orchestrator {
         });
         if !local {
             debug!(host_id = %host, shard = shard.0, epoch = epoch.0, change = %change.id, "submitted for another node's shard");
-            self.kick(host).await;
+            self.tell_owner(host, false).await;
             return match opts.wait {
                 None => Ok(Submitted::Pending(change)),
                 Some(wait) => poll_outcome(&core, change, wait).await,
@@ -561,12 +571,7 @@ impl HostOps for Orchestrator {
                 .insert(change.id, tx);
             (wait, rx)
         });
-        // The owner's own actor needs no broker round trip (a kick is a persistent message in a
-        // quorum shard queue, as costly to the broker as the command itself; ARCHITECTURE §15).
-        match self.actor(host) {
-            Ok(addr) => addr.do_send(LocalKick),
-            Err(_) => self.kick(host).await,
-        }
+        self.tell_owner(host, true).await;
         let Some((wait, rx)) = waiter else {
             return Ok(Submitted::Pending(change));
         };

@@ -241,16 +241,14 @@ async fn submits_under_one_change_id_record_and_send_it_once() {
     node.finish().await;
 }
 
-/// A change recorded by a node that died before telling the owner (no kick): the retry that joins
-/// it tells the owner, and the change is sent with its own command id.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn joining_an_unsent_change_gets_it_sent() {
-    init_logs();
-    let mut node = Node::new(|_| {}).await;
-    let (host, pw) = node.add_host().await;
-    let mut agent = node.agent(host, &pw).await;
-    agent.hello().await;
-    // The host's actor has loaded its log: it learns of new changes from kicks only.
+/// Once the host's actor has loaded its log (a first change answered), a change recorded in the
+/// store the way a node that died before its kick leaves it: the actor, which learns of new work
+/// from kicks only, does not know it.
+async fn unsent_change_behind_a_loaded_actor(
+    node: &Node,
+    host: HostId,
+    agent: &mut Agent,
+) -> Change {
     let first = {
         let orch = node.orch().clone();
         tokio::spawn(async move {
@@ -262,8 +260,7 @@ async fn joining_an_unsent_change_gets_it_sent() {
     agent.reply_ok(&cmd).await;
     assert!(matches!(first.await.unwrap(), Ok(Submitted::Completed(_))));
     let now = Utc::now();
-    let orphan = node
-        .store()
+    node.store()
         .append_change(&Change {
             id: ChangeId::random(),
             host,
@@ -279,7 +276,19 @@ async fn joining_an_unsent_change_gets_it_sent() {
             reply: None,
         })
         .await
-        .unwrap();
+        .unwrap()
+}
+
+/// A change recorded by a node that died before telling the owner (no kick): the retry that joins
+/// it tells the owner, and the change is sent with its own command id.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn joining_an_unsent_change_gets_it_sent() {
+    init_logs();
+    let mut node = Node::new(|_| {}).await;
+    let (host, pw) = node.add_host().await;
+    let mut agent = node.agent(host, &pw).await;
+    agent.hello().await;
+    let orphan = unsent_change_behind_a_loaded_actor(&node, host, &mut agent).await;
     assert!(
         agent.next_command(Duration::from_secs(1)).await.is_none(),
         "nobody told the owner"
@@ -317,36 +326,7 @@ async fn the_pending_recheck_sends_a_change_nobody_kicked() {
     let (host, pw) = node.add_host().await;
     let mut agent = node.agent(host, &pw).await;
     agent.hello().await;
-    // The host's actor has loaded its log: it learns of new changes from kicks only.
-    let first = {
-        let orch = node.orch().clone();
-        tokio::spawn(async move {
-            let wait = opts(Some(Duration::from_secs(20)));
-            orch.submit(host, ping(), wait).await
-        })
-    };
-    let cmd = agent.command().await;
-    agent.reply_ok(&cmd).await;
-    assert!(matches!(first.await.unwrap(), Ok(Submitted::Completed(_))));
-    let now = Utc::now();
-    let orphan = node
-        .store()
-        .append_change(&Change {
-            id: ChangeId::random(),
-            host,
-            seq: 0,
-            request: serde_json::to_value(ping()).unwrap(),
-            status: ChangeStatus::Queued,
-            command_id: CommandId::random(),
-            epoch: Epoch(1),
-            requested_by: "a node that died".into(),
-            created_at: now,
-            updated_at: now,
-            expires_at: now + chrono::Duration::minutes(10),
-            reply: None,
-        })
-        .await
-        .unwrap();
+    let orphan = unsent_change_behind_a_loaded_actor(&node, host, &mut agent).await;
     let cmd = agent.command().await;
     assert_eq!(cmd.id, orphan.command_id);
     agent.reply_ok(&cmd).await;

@@ -224,11 +224,11 @@ fn publishes_given_up_on_while_confirms_are_slow_keep_their_channels_bounded() {
 
 /// Callers that stop waiting for a confirm (a timeout) while the broker is slow to confirm: the
 /// abandoned publishes keep their slots and channels until their confirms come, so no more than
-/// `MAX_PUBLISHES_IN_FLIGHT` channels are open, and once the broker catches up publishing goes
-/// on. (What this cannot show on a healthy broker: before, each abandoned publish dropped its
-/// channel and the next opened a new one; under a failover's load the broker answered the closes
-/// so late that lapin ran out of channel numbers — "the maximum number of channels for this
-/// connection has been reached" — and no command went out. Here the closes are answered at once.)
+/// `MAX_PUBLISHES_IN_FLIGHT` channels are ever opened, and once the broker catches up publishing
+/// goes on. Before, each abandoned publish dropped its channel and the next opened a new one;
+/// under a failover's load the broker answered the closes so late that lapin ran out of channel
+/// numbers ("the maximum number of channels for this connection has been reached") and no
+/// command went out.
 async fn publishes_given_up_on_body() {
     let names = kit::unique_names();
     let host = HostId::random();
@@ -275,7 +275,7 @@ async fn publishes_given_up_on_body() {
         assert!(r.is_err(), "no confirm while the queue is suspended");
     }
     let user = host.to_string();
-    let open = blocking(move || kit::user_channel_count(&user)).await;
+    let open = blocking(move || kit::user_channel_numbers(&user).len()).await;
     blocking(move || drop(suspended)).await;
     assert!(
         open <= comodit_bus::MAX_PUBLISHES_IN_FLIGHT,
@@ -285,5 +285,14 @@ async fn publishes_given_up_on_body() {
         .await
         .expect("a publish confirmed once the queue runs again")
         .unwrap();
+    // No channel was opened per abandoned publish: the last publish took one of those the slots
+    // had (lapin numbers channels in sequence, so a new one would be numbered past them all).
+    let user = host.to_string();
+    let numbers = blocking(move || kit::user_channel_numbers(&user)).await;
+    let highest = numbers.iter().copied().max().unwrap_or(0);
+    assert!(
+        highest as usize <= comodit_bus::MAX_PUBLISHES_IN_FLIGHT,
+        "channel {highest} opened for {GIVEN_UP} abandoned publishes: {numbers:?}"
+    );
     shutdown.cancel();
 }

@@ -824,6 +824,24 @@ pub(crate) fn validate_idempotency(key: &str, fingerprint: &str) -> Result<()> {
     Ok(())
 }
 
+/// The record of a new claim on `key` of `token` (checked as [`validate_idempotency`] does), in
+/// progress until `lease_until`.
+pub(crate) fn claim_record(
+    token: TokenId,
+    key: &str,
+    fingerprint: &str,
+    lease_until: DateTime<Utc>,
+) -> Result<IdempotencyRecord> {
+    validate_idempotency(key, fingerprint)?;
+    Ok(IdempotencyRecord {
+        token,
+        key: key.to_owned(),
+        fingerprint: fingerprint.to_owned(),
+        expires_at: lease_until,
+        response: None,
+    })
+}
+
 fn idempotency_key(token: TokenId, key: &str) -> Vec<u8> {
     cat(&[token.0.as_bytes(), key.as_bytes()])
 }
@@ -1663,14 +1681,7 @@ impl Store for EmbeddedStore {
         now: DateTime<Utc>,
         lease_until: DateTime<Utc>,
     ) -> Result<IdempotencyClaim> {
-        validate_idempotency(key, fingerprint)?;
-        let record = IdempotencyRecord {
-            token,
-            key: key.to_owned(),
-            fingerprint: fingerprint.to_owned(),
-            expires_at: lease_until,
-            response: None,
-        };
+        let record = claim_record(token, key, fingerprint, lease_until)?;
         self.write(move |txn| {
             let id = idempotency_key(token, &record.key);
             let old: Option<IdempotencyRecord> =

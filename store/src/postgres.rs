@@ -63,7 +63,7 @@ use tokio_postgres::{Client, Config, NoTls, Row};
 use uuid::Uuid;
 
 use crate::embedded::{
-    check_page, fact_matches, validate_host, validate_idempotency, validate_name,
+    check_page, claim_record, fact_matches, validate_host, validate_idempotency, validate_name,
     validate_secret_sha256, validate_text, MAX_KEY_BYTES, MAX_LABEL_KEY_BYTES,
     MAX_LABEL_VALUE_BYTES, MAX_RECORD_BYTES, MAX_SETTINGS_PER_SCOPE, MAX_TEXT_BYTES,
     MAX_VERSION_BYTES,
@@ -1347,14 +1347,7 @@ impl Store for PgStore {
         now: DateTime<Utc>,
         lease_until: DateTime<Utc>,
     ) -> Result<IdempotencyClaim> {
-        validate_idempotency(key, fingerprint)?;
-        let record = IdempotencyRecord {
-            token,
-            key: key.to_owned(),
-            fingerprint: fingerprint.to_owned(),
-            expires_at: lease_until,
-            response: None,
-        };
+        let record = claim_record(token, key, fingerprint, lease_until)?;
         let text = enc("idempotency record", &record)?;
         let lease_us = lease_until.timestamp_micros();
         transaction!(self, |t| {

@@ -207,20 +207,21 @@ pub fn user_connection_count(user: &str) -> usize {
     out.lines().filter(|l| l.trim() == user).count()
 }
 
-/// How many channels one broker user's connections have open, from `rabbitmqctl`.
-pub fn user_channel_count(user: &str) -> usize {
+/// The channel numbers open on one broker user's connections, from `rabbitmqctl`. A client
+/// numbers its channels in sequence (lapin does), so the highest tells how many it has opened.
+pub fn user_channel_numbers(user: &str) -> Vec<u32> {
     let out = rabbitmqctl(&[
-        "list_connections",
+        "list_channels",
         "-q",
         "--no-table-headers",
         "user",
-        "channels",
+        "number",
     ]);
     out.lines()
         .filter_map(|l| l.split_once('\t'))
         .filter(|(u, _)| u.trim() == user)
-        .map(|(_, n)| n.trim().parse::<usize>().unwrap_or(0))
-        .sum()
+        .filter_map(|(_, n)| n.trim().parse().ok())
+        .collect()
 }
 
 /// Suspends the Erlang process of a classic queue of the vhost `/` until the guard is dropped:
