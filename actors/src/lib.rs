@@ -68,7 +68,7 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use comodit_protocol::{Body, DriftReport, HostId, ResourceRef, Stream};
-use comodit_store::{Change, ChangeId, ChangeStatus};
+use comodit_store::{Change, ChangeId, ChangeStatus, JobId};
 use serde::Serialize;
 
 /// How the API asks for work on a host.
@@ -84,6 +84,9 @@ pub struct SubmitOptions {
     /// a new random id. When the host already has a change with this id, that change is the
     /// answer, waited for like a new one: nothing is recorded or sent again (ARCHITECTURE §24).
     pub change_id: Option<ChangeId>,
+    /// The job this change is one host's part of (the store keeps the job's result for the host
+    /// in step with the change).
+    pub job: Option<JobId>,
 }
 
 /// What became of a submitted change.

@@ -235,6 +235,7 @@ mod tests {
             updated_at: at,
             expires_at: Utc.timestamp_millis_opt(expires_ms).unwrap(),
             reply: None,
+            job: None,
         }
     }
 

@@ -523,6 +523,7 @@ impl HostOps for Orchestrator {
                 updated_at: now,
                 expires_at: now + ttl,
                 reply: None,
+                job: opts.job,
             })
             .await;
         let change = match appended {

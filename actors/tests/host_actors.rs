@@ -18,6 +18,7 @@ fn opts(wait: Option<Duration>) -> SubmitOptions {
         requested_by: "test".into(),
         ttl: Duration::from_secs(600),
         change_id: None,
+        job: None,
     }
 }
 
@@ -274,6 +275,7 @@ async fn unsent_change_behind_a_loaded_actor(
             updated_at: now,
             expires_at: now + chrono::Duration::minutes(10),
             reply: None,
+            job: None,
         })
         .await
         .unwrap()
@@ -587,6 +589,7 @@ async fn changes_expire_and_complete_their_waiter() {
                 requested_by: "test".into(),
                 ttl: Duration::from_secs(1),
                 change_id: None,
+                job: None,
             },
         )
         .await
@@ -636,6 +639,7 @@ async fn a_restarted_node_resumes_queued_and_dispatched_changes() {
             updated_at: now,
             expires_at: now + chrono::Duration::minutes(10),
             reply: None,
+            job: None,
         })
         .await
         .unwrap();
@@ -794,6 +798,7 @@ async fn a_higher_epoch_in_the_store_stops_this_node_from_writing() {
             updated_at: now,
             expires_at: now + chrono::Duration::minutes(10),
             reply: None,
+            job: None,
         })
         .await
         .unwrap();

@@ -15,7 +15,7 @@ use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityRequirement
 use utoipa::openapi::{ContentBuilder, Ref, RefOr, Required, ResponseBuilder};
 use utoipa::OpenApi;
 
-use crate::routes::{changes, events, hosts, orgs, resources, system, tokens};
+use crate::routes::{changes, events, hosts, jobs, orgs, resources, system, tokens};
 use crate::{Shared, PUBLIC_PATHS};
 
 #[derive(OpenApi)]
@@ -39,6 +39,8 @@ use crate::{Shared, PUBLIC_PATHS};
         resources::list_resources, resources::get_resource, resources::put_resource,
         resources::delete_resource, resources::run_command,
         changes::list_changes, changes::get_change, changes::cancel_change,
+        jobs::create_job, jobs::create_env_job, jobs::get_job, jobs::list_job_hosts,
+        jobs::cancel_job,
         tokens::create_enrollment_token, tokens::list_enrollment_tokens,
         tokens::revoke_enrollment_token, tokens::create_api_token, tokens::list_api_tokens,
         tokens::revoke_api_token, tokens::list_audit,
@@ -50,7 +52,9 @@ use crate::{Shared, PUBLIC_PATHS};
     tags(
         (name = "organizations"), (name = "environments"), (name = "hosts"),
         (name = "resources", description = "The agent's collections, through the host's actor"),
-        (name = "changes"), (name = "enrollment"), (name = "tokens"), (name = "audit"),
+        (name = "changes"),
+        (name = "jobs", description = "One command to many hosts: a target, and each host's change"),
+        (name = "enrollment"), (name = "tokens"), (name = "audit"),
         (name = "events"),
         (name = "cluster", description = "The control plane: members, leader, shard owners"),
         (name = "system", description = "Public: no token needed"),
@@ -276,6 +280,11 @@ pub(crate) fn endpoint(
         "list_changes" => on(f, changes::list_changes),
         "get_change" => on(f, changes::get_change),
         "cancel_change" => on(f, changes::cancel_change),
+        "create_job" => on(f, jobs::create_job),
+        "create_env_job" => on(f, jobs::create_env_job),
+        "get_job" => on(f, jobs::get_job),
+        "list_job_hosts" => on(f, jobs::list_job_hosts),
+        "cancel_job" => on(f, jobs::cancel_job),
         "create_enrollment_token" => on(f, tokens::create_enrollment_token),
         "list_enrollment_tokens" => on(f, tokens::list_enrollment_tokens),
         "revoke_enrollment_token" => on(f, tokens::revoke_enrollment_token),

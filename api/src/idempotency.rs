@@ -22,7 +22,7 @@ use std::sync::Arc;
 use axum::http::{HeaderMap, HeaderName, HeaderValue, StatusCode};
 use chrono::{DateTime, Utc};
 use comodit_protocol::HostId;
-use comodit_store::{ChangeId, KeptResponse, Store, TokenId};
+use comodit_store::{ChangeId, JobId, KeptResponse, Store, TokenId};
 use sha2::{Digest, Sha256};
 
 /// Longest accepted `Idempotency-Key`.
@@ -31,7 +31,11 @@ pub(crate) const MAX_KEY_BYTES: usize = comodit_store::MAX_IDEMPOTENCY_KEY_BYTES
 /// Routes (as matched) whose handler records its work as a change under [`change_id`]: a
 /// request there with a key that is still in progress joins the first request's change instead
 /// of being refused.
-pub(crate) const JOINED_ROUTES: &[&str] = &["/api/v1/hosts/{id}/run"];
+pub(crate) const JOINED_ROUTES: &[&str] = &[
+    "/api/v1/hosts/{id}/run",
+    "/api/v1/orgs/{org}/jobs",
+    "/api/v1/orgs/{org}/envs/{env}/jobs",
+];
 
 /// The token and key of a keyed request, for its handler (a request extension).
 #[derive(Clone, Debug)]
@@ -54,6 +58,22 @@ impl IdempotencyKey {
         let mut bytes = [0u8; 16];
         bytes.copy_from_slice(&digest[..16]);
         ChangeId(uuid::Builder::from_random_bytes(bytes).into_uuid())
+    }
+}
+
+impl IdempotencyKey {
+    /// The id of the job a keyed `POST .../jobs` creates: the same for every retry, so that a
+    /// retry finds the job and records only the changes still missing (each under
+    /// `jobs::job_change_id`).
+    pub fn job_id(&self) -> JobId {
+        let mut h = Sha256::new();
+        h.update(b"comodit job\0");
+        h.update(self.token.0.as_bytes());
+        h.update(self.key.as_bytes());
+        let digest = h.finalize();
+        let mut bytes = [0u8; 16];
+        bytes.copy_from_slice(&digest[..16]);
+        JobId(uuid::Builder::from_random_bytes(bytes).into_uuid())
     }
 }
 

@@ -86,6 +86,8 @@ pub struct ApiLimits {
     pub max_sse_clients: usize,
     /// Keep-alive comment interval on an idle event stream (15 s).
     pub sse_keep_alive_s: u64,
+    /// Most hosts one job may target (100,000).
+    pub max_job_hosts: usize,
 }
 
 impl Default for ApiLimits {
@@ -103,6 +105,7 @@ impl Default for ApiLimits {
             idempotency_lease_s: 300,
             max_sse_clients: 256,
             sse_keep_alive_s: 15,
+            max_job_hosts: 100_000,
         }
     }
 }

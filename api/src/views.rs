@@ -322,7 +322,7 @@ pub struct PutResource {
 }
 
 /// A program to run on the host: `POST /hosts/{id}/run`.
-#[derive(Debug, Deserialize, ToSchema)]
+#[derive(Debug, Deserialize, Serialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct RunBody {
     /// The program and its arguments; no shell unless `argv` names one.

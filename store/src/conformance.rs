@@ -103,6 +103,7 @@ macro_rules! __conformance_checks {
             applications,
             settings,
             jobs_and_results,
+            job_changes_keep_results_and_counts,
             idempotency_keys,
             idempotency_keys_lapse_and_purge,
         }
@@ -291,6 +292,7 @@ fn change_record(host: HostId, epoch: u64) -> Change {
         updated_at: now(),
         expires_at: now() + Duration::hours(1),
         reply: None,
+        job: None,
     }
 }
 
@@ -2270,6 +2272,137 @@ pub async fn jobs_and_results(store: &dyn Store) {
             })
             .await,
         StoreError::NotFound(_)
+    );
+}
+
+/// A change that belongs to a job writes the job's result for its host when appended, and every
+/// status update moves that result and the job's counts with it.
+pub async fn job_changes_keep_results_and_counts(store: &dyn Store) {
+    let (acme, prod) = acme(store).await;
+    let job = Job {
+        id: JobId::random(),
+        org: acme.id,
+        spec: serde_json::json!({"op": "ping"}),
+        status: JobStatus::Running,
+        created_at: now(),
+        created_by: "alice".into(),
+        version: 0,
+    };
+    store.create_job(&job).await.unwrap();
+    assert_eq!(
+        store.job_counts(job.id).await.unwrap(),
+        JobCounts::default()
+    );
+    let hosts: Vec<Host> = (0..4)
+        .map(|i| host_record(&prod, &format!("j{i}")))
+        .collect();
+    create_hosts(store, &hosts).await;
+    let mut changes = Vec::new();
+    for host in &hosts {
+        let change = store
+            .append_change(&Change {
+                job: Some(job.id),
+                ..change_record(host.id, 1)
+            })
+            .await
+            .unwrap();
+        assert_eq!(change.job, Some(job.id));
+        changes.push(change);
+    }
+    // A change of another job that does not exist is refused, and records nothing.
+    let orphan = Change {
+        job: Some(JobId::random()),
+        ..change_record(hosts[0].id, 1)
+    };
+    assert_err!(store.append_change(&orphan).await, StoreError::NotFound(_));
+    assert_eq!(
+        store.get_change(hosts[0].id, orphan.id).await.unwrap(),
+        None
+    );
+    // A change without a job leaves the job alone.
+    store
+        .append_change(&change_record(hosts[0].id, 1))
+        .await
+        .unwrap();
+    assert_eq!(
+        store.job_counts(job.id).await.unwrap(),
+        JobCounts {
+            queued: 4,
+            ..JobCounts::default()
+        }
+    );
+
+    let outcomes = [
+        ChangeStatus::Dispatched,
+        ChangeStatus::Applied,
+        ChangeStatus::Failed,
+    ];
+    for (change, status) in changes.iter().zip(outcomes) {
+        store
+            .update_change(change.host, change.id, status, None, Epoch(1))
+            .await
+            .unwrap();
+    }
+    // The dispatched one answers: it moves from dispatched to applied.
+    store
+        .update_change(
+            changes[0].host,
+            changes[0].id,
+            ChangeStatus::Applied,
+            None,
+            Epoch(1),
+        )
+        .await
+        .unwrap();
+    let counts = store.job_counts(job.id).await.unwrap();
+    assert_eq!(
+        counts,
+        JobCounts {
+            queued: 1,
+            applied: 2,
+            failed: 1,
+            ..JobCounts::default()
+        }
+    );
+    assert_eq!((counts.total(), counts.pending()), (4, 1));
+    let listed = store
+        .list_job_results(job.id, &Page::first(10))
+        .await
+        .unwrap()
+        .items;
+    assert_eq!(listed.len(), 4);
+    for result in &listed {
+        let change = changes.iter().find(|c| c.host == result.host).unwrap();
+        let now = store
+            .get_change(change.host, change.id)
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(result.change, Some(change.id));
+        assert_eq!(result.status, now.status, "result in step with its change");
+    }
+    // A refused (stale) update moves nothing.
+    assert_err!(
+        store
+            .update_change(
+                changes[3].host,
+                changes[3].id,
+                ChangeStatus::Cancelled,
+                None,
+                Epoch(0),
+            )
+            .await,
+        StoreError::StaleEpoch { .. }
+    );
+    assert_eq!(store.job_counts(job.id).await.unwrap(), counts);
+    // Deleting a host takes its result out of the counts.
+    store.delete_host(hosts[3].id).await.unwrap();
+    assert_eq!(
+        store.job_counts(job.id).await.unwrap(),
+        JobCounts {
+            queued: 0,
+            ..counts
+        }
     );
 }
 

@@ -34,6 +34,7 @@
 //! | `jobs`                | job                             | [`Job`]                 |
 //! | `job_results`         | job, host                       | [`JobResult`]           |
 //! | `job_results_by_host` | host, job                       | —                       |
+//! | `job_counts`          | job                             | [`JobCounts`]           |
 //! | `idempotency`         | token, key                      | [`IdempotencyRecord`]   |
 //! | `idempotency_by_expiry` | expires_at, token, key        | —                       |
 //!
@@ -136,6 +137,7 @@ const SETTINGS: Def = TableDefinition::new("settings");
 const JOBS: Def = TableDefinition::new("jobs");
 const JOB_RESULTS: Def = TableDefinition::new("job_results");
 const JOB_RESULTS_BY_HOST: Def = TableDefinition::new("job_results_by_host");
+const JOB_COUNTS: Def = TableDefinition::new("job_counts");
 const IDEMPOTENCY: Def = TableDefinition::new("idempotency");
 const IDEMPOTENCY_BY_EXPIRY: Def = TableDefinition::new("idempotency_by_expiry");
 
@@ -165,6 +167,7 @@ const ALL_TABLES: &[Def] = &[
     JOBS,
     JOB_RESULTS,
     JOB_RESULTS_BY_HOST,
+    JOB_COUNTS,
     IDEMPOTENCY,
     IDEMPOTENCY_BY_EXPIRY,
 ];
@@ -566,6 +569,58 @@ fn prefix_end(prefix: &[u8]) -> Option<Vec<u8>> {
 }
 
 // --- table helpers ---------------------------------------------------------------------------
+
+/// What a change of a job says about the job's host.
+fn job_result_of(change: &Change, job: JobId) -> JobResult {
+    JobResult {
+        job,
+        host: change.host,
+        change: Some(change.id),
+        status: change.status,
+        updated_at: change.updated_at,
+    }
+}
+
+/// Writes a job's result for one host and moves its count from the result it replaces.
+fn record_job_result(txn: &WriteTransaction, result: &JobResult) -> Result<()> {
+    let (job, host) = (result.job.0.as_bytes(), result.host.0.as_bytes());
+    let key = cat(&[job, host]);
+    let mut results = txn.open_table(JOB_RESULTS)?;
+    let before: Option<JobResult> = get_json(&results, "job result", &key)?;
+    put_json(&mut results, "job result", &key, result)?;
+    mark(
+        &mut txn.open_table(JOB_RESULTS_BY_HOST)?,
+        &cat(&[host, job]),
+    )?;
+    count_job_result(
+        &mut txn.open_table(JOB_COUNTS)?,
+        result.job,
+        before.map(|b| b.status),
+        Some(result.status),
+    )
+}
+
+/// Moves one host of `job` from the count of `from` to that of `to` (either may be none).
+fn count_job_result(
+    counts: &mut Table<Bytes, Bytes>,
+    job: JobId,
+    from: Option<ChangeStatus>,
+    to: Option<ChangeStatus>,
+) -> Result<()> {
+    if from == to {
+        return Ok(());
+    }
+    let key = job.0.as_bytes();
+    let mut now: JobCounts = get_json(counts, "job counts", key)?.unwrap_or_default();
+    if let Some(from) = from {
+        let slot = now.slot(from);
+        *slot = slot.saturating_sub(1);
+    }
+    if let Some(to) = to {
+        *now.slot(to) += 1;
+    }
+    put_json(counts, "job counts", key, &now)
+}
 
 fn get_json<T: DeserializeOwned>(
     t: &impl ReadableTable<Bytes, Bytes>,
@@ -1224,8 +1279,13 @@ impl Store for EmbeddedStore {
             )?;
             let mut results = txn.open_table(JOB_RESULTS)?;
             let mut results_by_host = txn.open_table(JOB_RESULTS_BY_HOST)?;
+            let mut counts = txn.open_table(JOB_COUNTS)?;
             for key in keys_with_prefix(&results_by_host, hid)? {
-                results.remove(cat(&[&key[16..], hid]).as_slice())?;
+                let gone = results.remove(cat(&[&key[16..], hid]).as_slice())?;
+                if let Some(gone) = gone {
+                    let gone: JobResult = dec("job result", gone.value())?;
+                    count_job_result(&mut counts, gone.job, Some(gone.status), None)?;
+                }
                 results_by_host.remove(key.as_slice())?;
             }
             remove_prefix(
@@ -1344,6 +1404,12 @@ impl Store for EmbeddedStore {
                 None => 1,
             };
             let seq = be64(change.seq);
+            if let Some(job) = change.job {
+                if !exists(&txn.open_table(JOBS)?, job.0.as_bytes())? {
+                    return Err(StoreError::NotFound(format!("job {job}")));
+                }
+                record_job_result(txn, &job_result_of(&change, job))?;
+            }
             put_json(&mut changes, "change", &cat(&[hid, &seq]), &change)?;
             ids.insert(id_key.as_slice(), seq.as_slice())?;
             if change.status.is_pending() {
@@ -1406,6 +1472,9 @@ impl Store for EmbeddedStore {
             change.updated_at = Utc::now();
             put_json(&mut changes, "change", &key, &change)?;
             raise_fence(&mut fences, host, fenced, epoch)?;
+            if let Some(job) = change.job {
+                record_job_result(txn, &job_result_of(&change, job))?;
+            }
             Ok(change)
         })
         .await
@@ -1932,19 +2001,18 @@ impl Store for EmbeddedStore {
                 return Err(StoreError::NotFound(format!("job {}", result.job)));
             }
             need_host(&txn.open_table(HOSTS)?, result.host)?;
-            let (job, host) = (result.job.0.as_bytes(), result.host.0.as_bytes());
-            put_json(
-                &mut txn.open_table(JOB_RESULTS)?,
-                "job result",
-                &cat(&[job, host]),
-                &result,
-            )?;
-            mark(
-                &mut txn.open_table(JOB_RESULTS_BY_HOST)?,
-                &cat(&[host, job]),
-            )
+            record_job_result(txn, &result)
         })
         .await
+    }
+
+    async fn job_counts(&self, job: JobId) -> Result<JobCounts> {
+        self.lookup(move |txn| {
+            Ok(
+                get_json(&txn.open_table(JOB_COUNTS)?, "job counts", job.0.as_bytes())?
+                    .unwrap_or_default(),
+            )
+        })
     }
 
     async fn list_job_results(&self, job: JobId, page: &Page) -> Result<Paged<JobResult>> {

@@ -91,7 +91,9 @@ pub trait Store: Send + Sync + 'static {
 
     // --- change log ---------------------------------------------------------------------------
     /// Appends to the host's log, assigning `seq` (1, 2, ...); returns the stored change. Fenced
-    /// like runtime writes (against the host's runtime epoch).
+    /// like runtime writes (against the host's runtime epoch). A change with a `job` also records
+    /// the job's result for the host (the job must exist), and `update_change` keeps that result's
+    /// status in step, in the same transaction.
     async fn append_change(&self, change: &Change) -> Result<Change>;
     async fn get_change(&self, host: HostId, id: ChangeId) -> Result<Option<Change>>;
     /// Sets status (and reply, if given) of a change, fenced by `epoch`: refused if the stored
@@ -200,4 +202,6 @@ pub trait Store: Send + Sync + 'static {
     ) -> Result<Job>;
     async fn put_job_result(&self, result: &JobResult) -> Result<()>;
     async fn list_job_results(&self, job: JobId, page: &Page) -> Result<Paged<JobResult>>;
+    /// How many of the job's results are in each status (all zero for an unknown job).
+    async fn job_counts(&self, job: JobId) -> Result<JobCounts>;
 }

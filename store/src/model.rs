@@ -163,6 +163,10 @@ pub struct Change {
     pub expires_at: DateTime<Utc>,
     /// The agent's reply, once there is one.
     pub reply: Option<Reply>,
+    /// The job this change is one host's part of: the store keeps the job's per-host result in
+    /// step with the change, in the same transaction.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub job: Option<JobId>,
 }
 
 /// A token an agent presents to enroll into an environment.
@@ -290,6 +294,40 @@ pub struct JobResult {
     pub change: Option<ChangeId>,
     pub status: ChangeStatus,
     pub updated_at: DateTime<Utc>,
+}
+
+/// How many of a job's hosts are in each state: what `Store::job_counts` answers.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct JobCounts {
+    pub queued: u64,
+    pub dispatched: u64,
+    pub applied: u64,
+    pub failed: u64,
+    pub expired: u64,
+    pub cancelled: u64,
+}
+
+impl JobCounts {
+    pub fn slot(&mut self, status: ChangeStatus) -> &mut u64 {
+        match status {
+            ChangeStatus::Queued => &mut self.queued,
+            ChangeStatus::Dispatched => &mut self.dispatched,
+            ChangeStatus::Applied => &mut self.applied,
+            ChangeStatus::Failed => &mut self.failed,
+            ChangeStatus::Expired => &mut self.expired,
+            ChangeStatus::Cancelled => &mut self.cancelled,
+        }
+    }
+
+    /// Every host counted.
+    pub fn total(&self) -> u64 {
+        self.queued + self.dispatched + self.applied + self.failed + self.expired + self.cancelled
+    }
+
+    /// Hosts still waiting for an outcome.
+    pub fn pending(&self) -> u64 {
+        self.queued + self.dispatched
+    }
 }
 
 /// Which hosts a listing returns. Every filter is optional; they combine with AND.

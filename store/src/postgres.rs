@@ -1011,6 +1011,9 @@ impl Store for PgStore {
                     format!("change {} of host {} exists", change.id, change.host)
                 })
             })?;
+            if let Some(job) = stored.job {
+                put_job_result_in(&t, &job_result_of(&stored, job)).await?;
+            }
             raise_fence(&t, change.host, fence, epoch).await?;
             stored
         })
@@ -1067,6 +1070,9 @@ impl Store for PgStore {
                 ],
             )
             .await?;
+            if let Some(job) = change.job {
+                put_job_result_in(&t, &job_result_of(&change, job)).await?;
+            }
             raise_fence(&t, host, fence, epoch_value).await?;
             change
         })
@@ -1707,21 +1713,29 @@ impl Store for PgStore {
     }
 
     async fn put_job_result(&self, result: &JobResult) -> Result<()> {
-        let text = enc("job result", result)?;
         let conn = self.conn().await?;
-        conn.execute(
-            "INSERT INTO job_results (job, host, doc) VALUES ($1, $2, $3)
-             ON CONFLICT (job, host) DO UPDATE SET doc = excluded.doc",
-            &[&result.job.0, &result.host.0, &text],
-        )
-        .await
-        .map_err(|e| {
-            on_missing(e, |c| match c {
-                "job_results_job_fkey" => format!("job {}", result.job),
-                _ => format!("host {}", result.host),
-            })
-        })?;
-        Ok(())
+        put_job_result_in(&*conn, result)
+            .await
+            .map_err(StoreError::from)
+    }
+
+    async fn job_counts(&self, job: JobId) -> Result<JobCounts> {
+        let rows = self
+            .all(
+                "SELECT (doc::jsonb) ->> 'status', count(*) FROM job_results WHERE job = $1
+                 GROUP BY 1",
+                &[&job.0],
+            )
+            .await?;
+        let mut counts = JobCounts::default();
+        for row in &rows {
+            let status: String = col(row, 0)?;
+            let n: i64 = col(row, 1)?;
+            let status: ChangeStatus = serde_json::from_value(serde_json::Value::String(status))
+                .map_err(|e| StoreError::Backend(format!("job result status: {e}")))?;
+            *counts.slot(status) = unsigned("job count", n)?;
+        }
+        Ok(counts)
     }
 
     async fn list_job_results(&self, job: JobId, page: &Page) -> Result<Paged<JobResult>> {
@@ -1737,6 +1751,39 @@ impl Store for PgStore {
             r.host.0.as_bytes().to_vec()
         }))
     }
+}
+
+// --- job results -----------------------------------------------------------------------------
+
+/// What a change of a job says about the job's host.
+fn job_result_of(change: &Change, job: JobId) -> JobResult {
+    JobResult {
+        job,
+        host: change.host,
+        change: Some(change.id),
+        status: change.status,
+        updated_at: change.updated_at,
+    }
+}
+
+/// Writes (or replaces) a job's result for one host, on a connection or in a transaction.
+async fn put_job_result_in(
+    c: &impl tokio_postgres::GenericClient,
+    result: &JobResult,
+) -> std::result::Result<(), Fail> {
+    c.execute(
+        "INSERT INTO job_results (job, host, doc) VALUES ($1, $2, $3)
+         ON CONFLICT (job, host) DO UPDATE SET doc = excluded.doc",
+        &[&result.job.0, &result.host.0, &enc("job result", result)?],
+    )
+    .await
+    .map_err(|e| {
+        on_missing(e, |c| match c {
+            "job_results_job_fkey" => format!("job {}", result.job),
+            _ => format!("host {}", result.host),
+        })
+    })?;
+    Ok(())
 }
 
 // --- fencing ---------------------------------------------------------------------------------

@@ -88,6 +88,7 @@ async fn populate(store: &EmbeddedStore) -> (Host, Change, EnrollmentToken, u64)
             updated_at: now,
             expires_at: now + Duration::hours(1),
             reply: None,
+            job: None,
         })
         .await
         .unwrap();

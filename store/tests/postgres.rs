@@ -114,6 +114,7 @@ fn change(host: HostId, epoch: u64) -> Change {
         updated_at: now,
         expires_at: now + Duration::hours(1),
         reply: None,
+        job: None,
     }
 }
 

@@ -43,7 +43,7 @@ pub struct HostsQuery {
     pub limit: Option<u32>,
 }
 
-fn key_value(field: &str, s: &str) -> Result<(String, String), ApiError> {
+pub(crate) fn key_value(field: &str, s: &str) -> Result<(String, String), ApiError> {
     match s.split_once('=') {
         Some((k, v)) if !k.is_empty() => Ok((k.to_owned(), v.to_owned())),
         _ => Err(

@@ -5,6 +5,7 @@
 pub mod changes;
 pub mod events;
 pub mod hosts;
+pub mod jobs;
 pub mod orgs;
 pub mod resources;
 pub mod system;
@@ -89,6 +90,7 @@ pub(crate) async fn submit(
         requested_by: caller.name().to_owned(),
         ttl: Duration::from_secs(app.state.limits.change_ttl_s),
         change_id: key.map(|k| k.change_id(host)),
+        job: None,
     };
     let op = body.op();
     // The actors bound their own waits; this is the API's guard against one that never answers,

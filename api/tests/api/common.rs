@@ -104,6 +104,7 @@ impl HostOps for FakeOps {
             updated_at: now,
             expires_at: now + chrono::Duration::from_std(opts.ttl).unwrap(),
             reply: None,
+            job: opts.job,
         };
         let completed = match answer {
             Answer::Fail(what) => return Err(OpsError::Bus(what.into())),

@@ -5,6 +5,7 @@ mod auth;
 mod common;
 mod errors;
 mod hosts;
+mod jobs;
 mod misc;
 mod resources;
 mod tokens;

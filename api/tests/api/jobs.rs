@@ -1,0 +1,419 @@
+//! Jobs: one command to many hosts, over the real embedded store (the job's per-host results and
+//! counts are the store's), with the fake host actors answering at once or leaving changes queued.
+
+use axum::http::{HeaderValue, Method, StatusCode};
+use comodit_store::{ChangeStatus, Page, Role, Scope};
+use serde_json::{json, Value};
+
+use crate::common::{request, Answer, TestApp};
+
+fn run_uptime() -> Value {
+    json!({"run": {"argv": ["uptime"]}})
+}
+
+/// Every change the store holds for `host`.
+async fn changes_of(app: &TestApp, host: comodit_protocol::HostId) -> Vec<comodit_store::Change> {
+    app.store
+        .list_changes(host, &Page::first(100))
+        .await
+        .unwrap()
+        .items
+}
+
+#[tokio::test]
+async fn a_job_records_one_change_per_matching_host_and_counts_them() {
+    let app = TestApp::new().await;
+    let (org, prod, web1) = app.fleet().await;
+    let web2 = app.host(&prod, "web-2").await;
+    let staging = app.env(&org, "staging").await;
+    let other = app.host(&staging, "stg-1").await;
+
+    let r = app
+        .call(
+            Method::POST,
+            "/api/v1/orgs/acme/jobs",
+            Some(&app.admin),
+            Some(json!({"target": {"env": "prod"}, "command": run_uptime()})),
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::ACCEPTED, "{}", r.text);
+    let job = r.json();
+    let id = job["id"].as_str().unwrap().to_owned();
+    assert_eq!(
+        r.header("location").unwrap(),
+        format!("/api/v1/orgs/{}/jobs/{id}", org.id)
+    );
+    assert_eq!(job["hosts"], 2);
+    assert_eq!(job["env"], prod.id.to_string());
+    // The fake actors answer at once: both applied, the job done.
+    assert_eq!(job["counts"]["applied"], 2, "{job}");
+    assert_eq!(job["status"], "done");
+
+    let submits = app.ops.submits();
+    let mut hosts: Vec<_> = submits.iter().map(|s| s.host).collect();
+    hosts.sort();
+    let mut want = vec![web1.id, web2.id];
+    want.sort();
+    assert_eq!(hosts, want, "one submit per host of prod, none elsewhere");
+    assert!(submits
+        .iter()
+        .all(|s| s.wait.is_none() && s.change_id.is_some()));
+    assert!(changes_of(&app, other.id).await.is_empty());
+    for h in [web1.id, web2.id] {
+        let changes = changes_of(&app, h).await;
+        assert_eq!(changes.len(), 1);
+        assert_eq!(changes[0].job.map(|j| j.0.to_string()), Some(id.clone()));
+    }
+
+    let r = app.get(&format!("/api/v1/orgs/acme/jobs/{id}")).await;
+    assert_eq!(r.status, StatusCode::OK);
+    assert_eq!(r.json()["counts"]["applied"], 2);
+    assert_eq!(r.json()["command"]["run"]["argv"], json!(["uptime"]));
+    let r = app
+        .get(&format!("/api/v1/orgs/acme/jobs/{id}/hosts?limit=1"))
+        .await;
+    assert_eq!(r.status, StatusCode::OK);
+    let page = r.json();
+    assert_eq!(page["items"].as_array().unwrap().len(), 1);
+    assert_eq!(page["items"][0]["status"], "applied");
+    let next = page["next"].as_str().unwrap();
+    let r = app
+        .get(&format!(
+            "/api/v1/orgs/acme/jobs/{id}/hosts?limit=1&cursor={next}"
+        ))
+        .await;
+    assert_eq!(r.json()["items"].as_array().unwrap().len(), 1);
+    assert!(r.json()["next"].is_null());
+
+    // A label narrows the whole organization; a listed host must match the rest of the target.
+    let mut labelled = app.store.get_host(web2.id).await.unwrap().unwrap();
+    labelled.labels.insert("role".into(), "web".into());
+    app.store
+        .update_host(&labelled, labelled.version)
+        .await
+        .unwrap();
+    let r = app
+        .call(
+            Method::POST,
+            "/api/v1/orgs/acme/jobs",
+            Some(&app.admin),
+            Some(json!({"target": {"label": "role=web"}, "command": "ping"})),
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::ACCEPTED, "{}", r.text);
+    assert_eq!(r.json()["hosts"], 1);
+    let r = app
+        .call(
+            Method::POST,
+            "/api/v1/orgs/acme/jobs",
+            Some(&app.admin),
+            Some(json!({"target": {"hosts": [other.id, web1.id]}, "command": "facts"})),
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::ACCEPTED, "{}", r.text);
+    assert_eq!(r.json()["hosts"], 2);
+
+    // Unknown job, and a job of another organization, are 404.
+    let r = app
+        .get(&format!("/api/v1/orgs/acme/jobs/{}", uuid::Uuid::new_v4()))
+        .await;
+    assert_eq!(r.status, StatusCode::NOT_FOUND);
+    app.org("umbrella").await;
+    let r = app.get(&format!("/api/v1/orgs/umbrella/jobs/{id}")).await;
+    assert_eq!(r.status, StatusCode::NOT_FOUND);
+    let r = app.get("/api/v1/orgs/acme/jobs/not-a-uuid").await;
+    assert_eq!(r.status, StatusCode::BAD_REQUEST);
+}
+
+#[tokio::test]
+async fn a_bad_job_is_refused_and_records_nothing() {
+    let app = TestApp::new().await;
+    let (org, prod, web1) = app.fleet().await;
+    let empty = app.env(&org, "empty").await;
+    let post = |body: Value| {
+        let app = &app;
+        async move {
+            app.call(
+                Method::POST,
+                "/api/v1/orgs/acme/jobs",
+                Some(&app.admin),
+                Some(body),
+            )
+            .await
+        }
+    };
+    let cases = [
+        (
+            json!({"command": {"run": {"argv": []}}}),
+            StatusCode::UNPROCESSABLE_ENTITY,
+        ),
+        (
+            json!({"command": "reboot"}),
+            StatusCode::UNPROCESSABLE_ENTITY,
+        ),
+        (
+            json!({"command": "ping", "surprise": 1}),
+            StatusCode::UNPROCESSABLE_ENTITY,
+        ),
+        (
+            json!({"command": "ping", "target": {"env": "nope"}}),
+            StatusCode::UNPROCESSABLE_ENTITY,
+        ),
+        (
+            json!({"command": "ping", "target": {"env": empty.id}}),
+            StatusCode::UNPROCESSABLE_ENTITY,
+        ),
+        (
+            json!({"command": "ping", "target": {"label": "novalue"}}),
+            StatusCode::UNPROCESSABLE_ENTITY,
+        ),
+        (
+            json!({"command": "ping", "target": {"hosts": []}}),
+            StatusCode::UNPROCESSABLE_ENTITY,
+        ),
+        (
+            json!({"command": "ping", "target": {"hosts": [web1.id, uuid::Uuid::new_v4()]}}),
+            StatusCode::UNPROCESSABLE_ENTITY,
+        ),
+        (
+            json!({"command": "ping", "target": {"hosts": ["not-a-uuid"]}}),
+            StatusCode::UNPROCESSABLE_ENTITY,
+        ),
+        (
+            json!({"command": "ping", "ttl_s": 0}),
+            StatusCode::UNPROCESSABLE_ENTITY,
+        ),
+        (
+            json!({"command": "ping", "ttl_s": 86_401}),
+            StatusCode::UNPROCESSABLE_ENTITY,
+        ),
+    ];
+    for (body, want) in cases {
+        let r = post(body.clone()).await;
+        let got = r.status;
+        // serde's refusals of the body are 400 or 422 depending on where they fail; both refuse.
+        assert!(
+            got == want || got == StatusCode::BAD_REQUEST,
+            "{body}: {got} {}",
+            r.text
+        );
+        assert!(
+            r.header("content-type").unwrap().contains("problem+json"),
+            "{body}"
+        );
+    }
+    assert!(app.ops.submits().is_empty(), "a refused job sent nothing");
+    assert!(changes_of(&app, web1.id).await.is_empty());
+    let _ = prod;
+
+    // A host listed from another organization is as unknown as a missing one.
+    let umbrella = app.org("umbrella").await;
+    let theirs = app.env(&umbrella, "prod").await;
+    let their_host = app.host(&theirs, "u-1").await;
+    let r = post(json!({"command": "ping", "target": {"hosts": [their_host.id]}})).await;
+    assert_eq!(r.status, StatusCode::UNPROCESSABLE_ENTITY);
+    assert!(changes_of(&app, their_host.id).await.is_empty());
+}
+
+#[tokio::test]
+async fn job_scopes_follow_the_organization_and_environment() {
+    let app = TestApp::new().await;
+    let (org, prod, _web1) = app.fleet().await;
+    let staging = app.env(&org, "staging").await;
+    app.host(&staging, "stg-1").await;
+    let prod_operator = app
+        .token(
+            "prod-op",
+            Role::Operator,
+            Scope::Env {
+                org: org.id,
+                env: prod.id,
+            },
+        )
+        .await;
+    let prod_reader = app
+        .token(
+            "prod-ro",
+            Role::Viewer,
+            Scope::Env {
+                org: org.id,
+                env: prod.id,
+            },
+        )
+        .await;
+    let body = json!({"command": "ping"});
+    // The organization-wide route needs the organization's scope.
+    let r = app
+        .call(
+            Method::POST,
+            "/api/v1/orgs/acme/jobs",
+            Some(&prod_operator),
+            Some(body.clone()),
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::FORBIDDEN);
+    let r = app
+        .call(
+            Method::POST,
+            "/api/v1/orgs/acme/envs/staging/jobs",
+            Some(&prod_operator),
+            Some(body.clone()),
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::FORBIDDEN);
+    let r = app
+        .call(
+            Method::POST,
+            "/api/v1/orgs/acme/envs/prod/jobs",
+            Some(&prod_reader),
+            Some(body.clone()),
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::FORBIDDEN);
+    assert!(app.ops.submits().is_empty());
+    // Its own environment's route works, and the path's environment wins over none in the body.
+    let r = app
+        .call(
+            Method::POST,
+            "/api/v1/orgs/acme/envs/prod/jobs",
+            Some(&prod_operator),
+            Some(body.clone()),
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::ACCEPTED, "{}", r.text);
+    assert_eq!(r.json()["hosts"], 1);
+    let prod_job = r.json()["id"].as_str().unwrap().to_owned();
+    let r = app
+        .call(
+            Method::POST,
+            "/api/v1/orgs/acme/envs/prod/jobs",
+            Some(&prod_operator),
+            Some(json!({"command": "ping", "target": {"env": "staging"}})),
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::UNPROCESSABLE_ENTITY);
+    // An organization-wide job is not visible to the environment's tokens; theirs is.
+    let r = app
+        .call(
+            Method::POST,
+            "/api/v1/orgs/acme/jobs",
+            Some(&app.admin),
+            Some(body),
+        )
+        .await;
+    assert_eq!(r.json()["hosts"], 2);
+    let org_job = r.json()["id"].as_str().unwrap().to_owned();
+    let get = |token: String, job: String| {
+        let app = &app;
+        async move {
+            app.call(
+                Method::GET,
+                &format!("/api/v1/orgs/acme/jobs/{job}"),
+                Some(&token),
+                None,
+            )
+            .await
+            .status
+        }
+    };
+    assert_eq!(
+        get(prod_reader.clone(), org_job).await,
+        StatusCode::NOT_FOUND
+    );
+    assert_eq!(get(prod_reader, prod_job).await, StatusCode::OK);
+    // Every job creation is in the audit log.
+    let audited = app
+        .audit()
+        .await
+        .into_iter()
+        .filter(|e| e.action.ends_with("/jobs") && e.outcome == "ok")
+        .count();
+    assert!(audited >= 2, "job creations audited: {audited}");
+}
+
+#[tokio::test]
+async fn a_retried_job_finds_the_first_and_records_nothing_twice() {
+    let app = TestApp::new().await;
+    let (_org, prod, web1) = app.fleet().await;
+    let web2 = app.host(&prod, "web-2").await;
+    let keyed = |key: &str| {
+        let mut req = request(
+            Method::POST,
+            "/api/v1/orgs/acme/jobs",
+            Some(&app.admin),
+            Some(json!({"command": run_uptime()})),
+        );
+        req.headers_mut()
+            .insert("idempotency-key", HeaderValue::from_str(key).unwrap());
+        req
+    };
+    let first = app.send(keyed("job-1")).await;
+    assert_eq!(first.status, StatusCode::ACCEPTED, "{}", first.text);
+    let second = app.send(keyed("job-1")).await;
+    assert_eq!(second.json()["id"], first.json()["id"]);
+    // Through the other router too (another node, the first one's answer not replayed there if
+    // it were lost): the same job, still one change per host.
+    let third = TestApp::send_to(&app.peer, keyed("job-1")).await;
+    assert_eq!(third.json()["id"], first.json()["id"]);
+    for h in [web1.id, web2.id] {
+        assert_eq!(changes_of(&app, h).await.len(), 1, "one change for {h}");
+    }
+    let other = app.send(keyed("job-2")).await;
+    assert_ne!(other.json()["id"], first.json()["id"]);
+    assert_eq!(changes_of(&app, web1.id).await.len(), 2);
+}
+
+#[tokio::test]
+async fn cancelling_a_job_cancels_its_queued_changes() {
+    let app = TestApp::new().await;
+    let (_org, prod, web1) = app.fleet().await;
+    let web2 = app.host(&prod, "web-2").await;
+    // One host's agent answers, the other's change stays queued (an offline host).
+    app.ops
+        .answer(Answer::Completed(comodit_protocol::Status::Ok, None));
+    app.ops.answer(Answer::Pending);
+    let r = app
+        .call(
+            Method::POST,
+            "/api/v1/orgs/acme/jobs",
+            Some(&app.admin),
+            Some(json!({"command": "ping", "target": {"hosts": [web1.id, web2.id]}})),
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::ACCEPTED, "{}", r.text);
+    let job = r.json();
+    assert_eq!(job["status"], "running");
+    assert_eq!(job["counts"]["queued"], 1);
+    assert_eq!(job["counts"]["applied"], 1);
+    let id = job["id"].as_str().unwrap();
+    let r = app
+        .call(
+            Method::POST,
+            &format!("/api/v1/orgs/acme/jobs/{id}/cancel"),
+            Some(&app.admin),
+            None,
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.text);
+    assert_eq!(r.json()["status"], "cancelled");
+    assert_eq!(r.json()["counts"]["cancelled"], 1);
+    assert_eq!(r.json()["counts"]["applied"], 1);
+    // (Which host answered depends on the order the job released them in.)
+    let mut statuses = vec![
+        changes_of(&app, web1.id).await[0].status,
+        changes_of(&app, web2.id).await[0].status,
+    ];
+    statuses.sort_by_key(|s| format!("{s:?}"));
+    assert_eq!(statuses, [ChangeStatus::Applied, ChangeStatus::Cancelled]);
+    // Cancelling again changes nothing.
+    let r = app
+        .call(
+            Method::POST,
+            &format!("/api/v1/orgs/acme/jobs/{id}/cancel"),
+            Some(&app.admin),
+            None,
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::OK);
+    assert_eq!(r.json()["counts"]["cancelled"], 1);
+}
