@@ -61,6 +61,9 @@ enum Verb {
     /// A host's change log.
     #[command(subcommand)]
     Changes(Changes),
+    /// Jobs: one command to many hosts of an organization.
+    #[command(subcommand)]
+    Jobs(Jobs),
     /// Enrollment tokens.
     #[command(subcommand)]
     EnrollTokens(EnrollTokens),
@@ -198,6 +201,69 @@ enum Changes {
     List { host: String },
     Get { host: String, change: String },
     Cancel { host: String, change: String },
+}
+
+#[derive(Subcommand)]
+enum Jobs {
+    /// Run a program on every host the target matches:
+    /// `comodit jobs run ORG [--env E] [--label k=v] [--host ID]... -- ARGV...`.
+    Run {
+        org: String,
+        #[command(flatten)]
+        target: JobTarget,
+        #[arg(long, default_value_t = 60)]
+        timeout_s: u64,
+        #[arg(last = true, required = true)]
+        argv: Vec<String>,
+    },
+    /// Ask every host the target matches to answer (`ping`), collect facts or run compliance.
+    Send {
+        org: String,
+        /// `ping`, `facts` or `check`.
+        command: String,
+        #[command(flatten)]
+        target: JobTarget,
+    },
+    /// A job and how many of its hosts are where.
+    Get { org: String, job: String },
+    /// The job's hosts, each with its change and status.
+    Hosts {
+        org: String,
+        job: String,
+        #[arg(long)]
+        cursor: Option<String>,
+    },
+    /// Cancel the job's changes that are still queued.
+    Cancel { org: String, job: String },
+}
+
+#[derive(clap::Args)]
+struct JobTarget {
+    /// Only hosts of this environment.
+    #[arg(long)]
+    env: Option<String>,
+    /// Only hosts with this label (`key=value`).
+    #[arg(long)]
+    label: Option<String>,
+    /// Only these hosts (repeat).
+    #[arg(long = "host")]
+    hosts: Vec<String>,
+}
+
+impl JobTarget {
+    fn json(&self) -> Value {
+        let mut t = serde_json::Map::new();
+        if let Some(e) = &self.env {
+            t.insert("env".into(), json!(e));
+        }
+        if let Some(l) = &self.label {
+            t.insert("label".into(), json!(l));
+        }
+        if !self.hosts.is_empty() {
+            t.insert("hosts".into(), json!(self.hosts));
+        }
+        Value::Object(t)
+    }
 }
 
 #[derive(Subcommand)]
@@ -505,6 +571,46 @@ fn run(cli: Cli) -> anyhow::Result<Option<Value>> {
                 query(&[("async", asynchronous.then(|| "true".into()))])
             ),
             Some(json!({"argv": argv, "timeout_s": timeout_s})),
+        )?,
+        Verb::Jobs(Jobs::Run {
+            org,
+            target,
+            timeout_s,
+            argv,
+        }) => api.call(
+            "POST",
+            &format!("/orgs/{}/jobs", enc(&org)),
+            Some(json!({
+                "target": target.json(),
+                "command": {"run": {"argv": argv, "timeout_s": timeout_s}},
+            })),
+        )?,
+        Verb::Jobs(Jobs::Send {
+            org,
+            command,
+            target,
+        }) => api.call(
+            "POST",
+            &format!("/orgs/{}/jobs", enc(&org)),
+            Some(json!({"target": target.json(), "command": command})),
+        )?,
+        Verb::Jobs(Jobs::Get { org, job }) => {
+            api.call("GET", &format!("/orgs/{}/jobs/{}", enc(&org), enc(&job)), None)?
+        }
+        Verb::Jobs(Jobs::Hosts { org, job, cursor }) => api.call(
+            "GET",
+            &format!(
+                "/orgs/{}/jobs/{}/hosts{}",
+                enc(&org),
+                enc(&job),
+                query(&[("cursor", cursor)])
+            ),
+            None,
+        )?,
+        Verb::Jobs(Jobs::Cancel { org, job }) => api.call(
+            "POST",
+            &format!("/orgs/{}/jobs/{}/cancel", enc(&org), enc(&job)),
+            None,
         )?,
         Verb::Changes(Changes::List { host }) => {
             api.call("GET", &format!("/hosts/{}/changes", enc(&host)), None)?

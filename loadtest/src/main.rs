@@ -7,7 +7,7 @@
 //!
 //! Every run is bounded by its request count or duration.
 //!
-//! The fleet scenarios (`enroll`, `steady`, `apply`, `run`, `bare`, `failover`) start what they
+//! The fleet scenarios (`enroll`, `steady`, `apply`, `run`, `job`, `bare`, `failover`) start what they
 //! measure themselves — `comodit-node` processes on a fresh broker prefix, thousands of simulated
 //! hosts ([`fleet`]) — measure, run the bare ceiling of the same size ([`bare`]), delete what they
 //! created on the broker, and write `report.json`, `report.md` and SVG plots ([`report`]) into
@@ -89,6 +89,12 @@ enum Scenario {
     },
     /// One `run` to every host through the API, --concurrency at a time.
     Run {
+        #[command(flatten)]
+        common: scenarios::Common,
+    },
+    /// The same `run` to every host in one request (a job), then its counts followed until no
+    /// host is pending.
+    Job {
         #[command(flatten)]
         common: scenarios::Common,
     },
@@ -290,6 +296,7 @@ fn fleet_scenario(s: Scenario) -> anyhow::Result<()> {
             ),
             Scenario::Apply { common } => ("apply", common.clone(), json!({})),
             Scenario::Run { common } => ("run", common.clone(), json!({})),
+            Scenario::Job { common } => ("job", common.clone(), json!({})),
             Scenario::Bare { common } => ("bare", common.clone(), json!({})),
             Scenario::Failover {
                 common, kill_after, ..
@@ -313,6 +320,9 @@ fn fleet_scenario(s: Scenario) -> anyhow::Result<()> {
             }
             Scenario::Run { .. } => {
                 scenarios::api_wave_scenario(&mut ctx, scenarios::ApiOp::Run).await
+            }
+            Scenario::Job { .. } => {
+                scenarios::api_wave_scenario(&mut ctx, scenarios::ApiOp::Job).await
             }
             Scenario::Bare { .. } => scenarios::bare_only(&mut ctx).await,
             Scenario::Failover {

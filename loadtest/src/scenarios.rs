@@ -765,15 +765,19 @@ async fn steady_phase(
 /// One command per host through the API.
 #[derive(Clone)]
 pub enum ApiOp {
-    Apply { content: String },
+    Apply {
+        content: String,
+    },
     Run,
+    /// The same `run` to every host in one request: a job (`POST /orgs/{org}/jobs`).
+    Job,
 }
 
 pub async fn api_wave_scenario(ctx: &mut Ctx, op: ApiOp) -> anyhow::Result<()> {
     // The ceiling first, on a broker that holds none of this run's queues yet.
     let body = match &op {
         ApiOp::Apply { content } => apply_body(content)?,
-        ApiOp::Run => run_body(),
+        ApiOp::Run | ApiOp::Job => run_body(),
     };
     let bare = bare_phase(ctx, body, true).await?;
     let mut rig = Rig::single(ctx)?;
@@ -792,12 +796,16 @@ pub async fn api_wave_scenario(ctx: &mut Ctx, op: ApiOp) -> anyhow::Result<()> {
         let name = match op {
             ApiOp::Apply { .. } => "api_apply",
             ApiOp::Run => "api_run",
+            ApiOp::Job => "api_job",
         };
-        eprintln!(
-            "{name}: one command to each of {} hosts, {} at a time",
-            ids.len(),
-            ctx.c.concurrency
-        );
+        match op {
+            ApiOp::Job => eprintln!("{name}: one job to all {} hosts", ids.len()),
+            _ => eprintln!(
+                "{name}: one command to each of {} hosts, {} at a time",
+                ids.len(),
+                ctx.c.concurrency
+            ),
+        }
         let n_waves = usize::from(ctx.c.waves);
         let mut waves = Vec::with_capacity(n_waves);
         for i in 0..n_waves {
@@ -805,17 +813,26 @@ pub async fn api_wave_scenario(ctx: &mut Ctx, op: ApiOp) -> anyhow::Result<()> {
             let t0 = ctx.started.elapsed().as_secs_f64();
             let meter = CpuMeter::start(&rig.pids());
             let keys = format!("{}-{wave_name}", rig.prefix);
-            let (mut wave, _) = api_wave(
-                &wave_name,
-                &rig.apis,
-                &ids,
-                &op,
-                ctx.c.concurrency,
-                Duration::from_secs(ctx.c.deadline_s),
-                ctx.c.idempotency_keys.then_some(keys.as_str()),
-                None,
-            )
-            .await?;
+            let deadline = Duration::from_secs(ctx.c.deadline_s);
+            let keys = ctx.c.idempotency_keys.then_some(keys.as_str());
+            let mut wave = match op {
+                ApiOp::Job => job_wave(&wave_name, rig.api(), ids.len(), deadline, keys).await?,
+                _ => {
+                    let apis = &rig.apis;
+                    let (w, _) = api_wave(
+                        &wave_name,
+                        apis,
+                        &ids,
+                        &op,
+                        ctx.c.concurrency,
+                        deadline,
+                        keys,
+                        None,
+                    )
+                    .await?;
+                    w
+                }
+            };
             let t1 = ctx.started.elapsed().as_secs_f64();
             wave.cpu = Some(meter.end(wave.answered));
             eprintln!(
@@ -993,6 +1010,105 @@ pub async fn api_wave(
     Ok((wave, resent.load(Ordering::Relaxed)))
 }
 
+/// How often a job wave asks the node where its job is.
+const JOB_POLL: Duration = Duration::from_millis(250);
+
+/// One job to every host of the fleet's environment (`default/default`): one request, then the
+/// job's counts polled until no host is pending. Each host's latency is from the request's start
+/// to the time the node recorded its answer (the job's per-host `updated_at`, read after the
+/// wave: the node and this process share one clock); the wave ends at the last of those.
+pub async fn job_wave(
+    name: &str,
+    api: &Api,
+    hosts: usize,
+    deadline: Duration,
+    key: Option<&str>,
+) -> anyhow::Result<Wave> {
+    let body = json!({
+        "target": {"env": "default"},
+        "command": {"run": {"argv": ["/bin/true"], "timeout_s": 30}},
+    });
+    let start = Instant::now();
+    let start_wall = chrono::Utc::now();
+    let until = start + deadline;
+    let key = key.map(|k| format!("{k}-job"));
+    let (status, job) = api
+        .call_keyed(
+            "POST",
+            "/api/v1/orgs/default/jobs",
+            Some(&body),
+            deadline,
+            key.as_deref(),
+        )
+        .await?;
+    anyhow::ensure!(status == 202, "{name}: POST job: HTTP {status}: {job}");
+    let released = start.elapsed();
+    let id = job["id"].as_str().context("job without an id")?.to_owned();
+    anyhow::ensure!(
+        job["hosts"].as_u64() == Some(hosts as u64),
+        "{name}: the job targets {} hosts, the fleet has {hosts}",
+        job["hosts"]
+    );
+    eprintln!(
+        "{name}: job {id} recorded for {hosts} hosts in {:.2} s",
+        released.as_secs_f64()
+    );
+    let path = format!("/api/v1/orgs/default/jobs/{id}");
+    loop {
+        let (status, now) = api
+            .call_async("GET", &path, None, Duration::from_secs(30))
+            .await?;
+        anyhow::ensure!(status == 200, "{path}: HTTP {status}: {now}");
+        if now["status"] != "running" {
+            break;
+        }
+        if Instant::now() >= until {
+            eprintln!(
+                "{name}: job still running at the deadline: {}",
+                now["counts"]
+            );
+            break;
+        }
+        tokio::time::sleep(JOB_POLL).await;
+    }
+    // Where each host is, from the node's per-host results.
+    let mut wave = Wave::new(name, hosts);
+    let mut cursor: Option<String> = None;
+    loop {
+        let page = match &cursor {
+            Some(c) => format!("{path}/hosts?limit=1000&cursor={c}"),
+            None => format!("{path}/hosts?limit=1000"),
+        };
+        let (status, v) = api
+            .call_async("GET", &page, None, Duration::from_secs(60))
+            .await?;
+        anyhow::ensure!(status == 200, "{page}: HTTP {status}: {v}");
+        for item in v["items"].as_array().into_iter().flatten() {
+            let s = item["status"].as_str().unwrap_or("");
+            if s == "queued" || s == "dispatched" {
+                continue;
+            }
+            let at: chrono::DateTime<chrono::Utc> = item["updated_at"]
+                .as_str()
+                .and_then(|t| t.parse().ok())
+                .context("job host without updated_at")?;
+            let since = (at - start_wall).to_std().unwrap_or_default();
+            wave.record(since, since, s == "applied");
+        }
+        match v["next"].as_str() {
+            Some(n) => cursor = Some(n.to_owned()),
+            None => break,
+        }
+    }
+    wave.elapsed = wave
+        .points
+        .iter()
+        .map(|p| Duration::from_secs_f64(p.0))
+        .max()
+        .unwrap_or(start.elapsed());
+    Ok(wave)
+}
+
 enum Outcome {
     /// The change reached a final status; `true` when the host answered ok.
     Done(bool),
@@ -1020,7 +1136,7 @@ async fn one_request(
             format!("/api/v1/hosts/{host}/resources/files/etc/comodit-loadtest.conf?wait_s={wait}"),
             json!({"spec": {"content": content, "mode": "0644"}, "monitor": false}),
         ),
-        ApiOp::Run => (
+        ApiOp::Run | ApiOp::Job => (
             "POST",
             format!("/api/v1/hosts/{host}/run?wait_s={wait}"),
             json!({"argv": ["/bin/true"], "timeout_s": 30}),

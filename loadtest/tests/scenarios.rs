@@ -229,6 +229,38 @@ fn run_answers_every_host_through_the_api_in_every_wave() {
 }
 
 #[test]
+fn a_job_reaches_every_host_once_and_counts_injected_failures() {
+    // One request for the whole fleet, keyed, in two waves (two jobs on the same hosts).
+    let (r, _dir) = run(&[
+        "job",
+        "--fail-fraction",
+        "0.1",
+        "--waves",
+        "2",
+        "--idempotency-keys",
+    ]);
+    let c = &r["counts"];
+    assert_eq!(c["expected"], 2 * HOSTS, "{c}");
+    assert_eq!(c["counted"], 2 * HOSTS, "{c}");
+    assert_eq!(c["unanswered"], 0, "{c}");
+    assert_eq!(c["hosts_that_replied"], HOSTS, "{c}");
+    // One command per host and job, never a second.
+    assert_eq!(c["duplicated_commands"], 0, "{c}");
+    let failed = c["failed"].as_u64().unwrap();
+    assert!(failed > 0 && failed < 2 * HOSTS as u64 / 2, "{c}");
+    for name in ["api_job 1/2", "api_job 2/2"] {
+        let w = wave(&r, name);
+        assert_eq!(w["answered"], HOSTS, "{w}");
+        assert!(
+            w["cpu_ms_per_answer"]["node_ms"].as_f64().unwrap() > 0.0,
+            "{w}"
+        );
+    }
+    let f = figure(&r, "time until the last host answered");
+    assert!(f["ratio"].as_f64().is_some(), "{f}");
+}
+
+#[test]
 fn steady_measures_both_liveness_modes_over_the_whole_fleet() {
     let (r, _dir) = run(&[
         "steady",

@@ -294,6 +294,38 @@ fn the_cli_drives_the_api() {
     assert_eq!(code, Some(0), "{err}");
     assert_eq!(labelled["labels"]["rack"], "r12", "{labelled}");
 
+    // A job to every host with that label: the real agent runs it once; the job says so.
+    let jobs_file = dir.path().join("jobs");
+    let (code, job, err) = cli(&[
+        "jobs",
+        "run",
+        "default",
+        "--label",
+        "rack=r12",
+        "--",
+        "sh",
+        "-c",
+        &format!("echo job >> {}", jobs_file.display()),
+    ]);
+    assert_eq!(code, Some(0), "{err}");
+    assert_eq!(job["hosts"], 1, "{job}");
+    let id = job["id"].as_str().unwrap().to_owned();
+    let done = node.wait_for("the job done", || {
+        let (_, now, _) = cli(&["jobs", "get", "default", &id]);
+        (now["status"] != "running").then_some(now)
+    });
+    assert_eq!(done["status"], "done", "{done}");
+    assert_eq!(done["counts"]["applied"], 1, "{done}");
+    assert_eq!(std::fs::read_to_string(&jobs_file).unwrap(), "job\n");
+    let (code, hosts, err) = cli(&["jobs", "hosts", "default", &id]);
+    assert_eq!(code, Some(0), "{err}");
+    assert_eq!(hosts["items"][0]["host"], host.as_str(), "{hosts}");
+    assert_eq!(hosts["items"][0]["status"], "applied", "{hosts}");
+    // A label no host has is refused, and runs nothing.
+    let (code, _, err) = cli(&["jobs", "send", "default", "ping", "--label", "rack=none"]);
+    assert_eq!(code, Some(1));
+    assert!(err.contains("422"), "{err}");
+
     // A problem from the API is an error exit with its detail.
     let (code, _, err) = cli(&["hosts", "get", "not-a-uuid"]);
     assert_eq!(code, Some(1));
