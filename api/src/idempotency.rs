@@ -49,32 +49,36 @@ impl IdempotencyKey {
     /// retry, so that the store finds the first one (sha256 of token, key and host, shaped as a
     /// UUID).
     pub fn change_id(&self, host: HostId) -> ChangeId {
-        let mut h = Sha256::new();
-        h.update(b"comodit change\0");
-        h.update(self.token.0.as_bytes());
-        h.update(host.0.as_bytes());
-        h.update(self.key.as_bytes());
-        let digest = h.finalize();
-        let mut bytes = [0u8; 16];
-        bytes.copy_from_slice(&digest[..16]);
-        ChangeId(uuid::Builder::from_random_bytes(bytes).into_uuid())
+        ChangeId(derived_uuid(&[
+            b"comodit change\0",
+            self.token.0.as_bytes(),
+            host.0.as_bytes(),
+            self.key.as_bytes(),
+        ]))
     }
-}
 
-impl IdempotencyKey {
     /// The id of the job a keyed `POST .../jobs` creates: the same for every retry, so that a
     /// retry finds the job and records only the changes still missing (each under
     /// `jobs::job_change_id`).
     pub fn job_id(&self) -> JobId {
-        let mut h = Sha256::new();
-        h.update(b"comodit job\0");
-        h.update(self.token.0.as_bytes());
-        h.update(self.key.as_bytes());
-        let digest = h.finalize();
-        let mut bytes = [0u8; 16];
-        bytes.copy_from_slice(&digest[..16]);
-        JobId(uuid::Builder::from_random_bytes(bytes).into_uuid())
+        JobId(derived_uuid(&[
+            b"comodit job\0",
+            self.token.0.as_bytes(),
+            self.key.as_bytes(),
+        ]))
     }
+}
+
+/// An id that is the same whenever `parts` are: their sha256, shaped as a UUID.
+pub(crate) fn derived_uuid(parts: &[&[u8]]) -> uuid::Uuid {
+    let mut h = Sha256::new();
+    for p in parts {
+        h.update(p);
+    }
+    let digest = h.finalize();
+    let mut bytes = [0u8; 16];
+    bytes.copy_from_slice(&digest[..16]);
+    uuid::Builder::from_random_bytes(bytes).into_uuid()
 }
 
 /// The fingerprint of a request (sha256, lowercase hex): what must be equal for a key to be

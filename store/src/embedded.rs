@@ -570,17 +570,6 @@ fn prefix_end(prefix: &[u8]) -> Option<Vec<u8>> {
 
 // --- table helpers ---------------------------------------------------------------------------
 
-/// What a change of a job says about the job's host.
-fn job_result_of(change: &Change, job: JobId) -> JobResult {
-    JobResult {
-        job,
-        host: change.host,
-        change: Some(change.id),
-        status: change.status,
-        updated_at: change.updated_at,
-    }
-}
-
 /// Writes a job's result for one host and moves its count from the result it replaces.
 fn record_job_result(txn: &WriteTransaction, result: &JobResult) -> Result<()> {
     let (job, host) = (result.job.0.as_bytes(), result.host.0.as_bytes());
@@ -1408,7 +1397,7 @@ impl Store for EmbeddedStore {
                 if !exists(&txn.open_table(JOBS)?, job.0.as_bytes())? {
                     return Err(StoreError::NotFound(format!("job {job}")));
                 }
-                record_job_result(txn, &job_result_of(&change, job))?;
+                record_job_result(txn, &JobResult::of(&change, job))?;
             }
             put_json(&mut changes, "change", &cat(&[hid, &seq]), &change)?;
             ids.insert(id_key.as_slice(), seq.as_slice())?;
@@ -1473,7 +1462,7 @@ impl Store for EmbeddedStore {
             put_json(&mut changes, "change", &key, &change)?;
             raise_fence(&mut fences, host, fenced, epoch)?;
             if let Some(job) = change.job {
-                record_job_result(txn, &job_result_of(&change, job))?;
+                record_job_result(txn, &JobResult::of(&change, job))?;
             }
             Ok(change)
         })

@@ -296,6 +296,19 @@ pub struct JobResult {
     pub updated_at: DateTime<Utc>,
 }
 
+impl JobResult {
+    /// What a change of a job says about the job's host.
+    pub fn of(change: &Change, job: JobId) -> JobResult {
+        JobResult {
+            job,
+            host: change.host,
+            change: Some(change.id),
+            status: change.status,
+            updated_at: change.updated_at,
+        }
+    }
+}
+
 /// How many of a job's hosts are in each state: what `Store::job_counts` answers.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct JobCounts {

@@ -1012,7 +1012,7 @@ impl Store for PgStore {
                 })
             })?;
             if let Some(job) = stored.job {
-                put_job_result_in(&t, &job_result_of(&stored, job)).await?;
+                put_job_result_in(&t, &JobResult::of(&stored, job)).await?;
             }
             raise_fence(&t, change.host, fence, epoch).await?;
             stored
@@ -1071,7 +1071,7 @@ impl Store for PgStore {
             )
             .await?;
             if let Some(job) = change.job {
-                put_job_result_in(&t, &job_result_of(&change, job)).await?;
+                put_job_result_in(&t, &JobResult::of(&change, job)).await?;
             }
             raise_fence(&t, host, fence, epoch_value).await?;
             change
@@ -1754,17 +1754,6 @@ impl Store for PgStore {
 }
 
 // --- job results -----------------------------------------------------------------------------
-
-/// What a change of a job says about the job's host.
-fn job_result_of(change: &Change, job: JobId) -> JobResult {
-    JobResult {
-        job,
-        host: change.host,
-        change: Some(change.id),
-        status: change.status,
-        updated_at: change.updated_at,
-    }
-}
 
 /// Writes (or replaces) a job's result for one host, on a connection or in a transaction.
 async fn put_job_result_in(

@@ -32,12 +32,11 @@ use comodit_store::{
 };
 use futures_util::StreamExt;
 use serde::{Deserialize, Serialize};
-use sha2::{Digest, Sha256};
 use utoipa::ToSchema;
 use uuid::Uuid;
 
 use crate::auth::{find_env, parse_uuid, Caller, Resolved};
-use crate::idempotency::IdempotencyKey;
+use crate::idempotency::{derived_uuid, IdempotencyKey};
 use crate::problem::ApiError;
 use crate::routes::hosts::key_value;
 use crate::routes::page;
@@ -223,14 +222,11 @@ fn status_text<T: Serialize>(s: T) -> String {
 /// The id a job's change to `host` is recorded under: the same for every retry of the job's
 /// creation, so the store refuses a second one (sha256 of job and host, shaped as a UUID).
 pub fn job_change_id(job: JobId, host: HostId) -> ChangeId {
-    let mut h = Sha256::new();
-    h.update(b"comodit job change\0");
-    h.update(job.0.as_bytes());
-    h.update(host.0.as_bytes());
-    let digest = h.finalize();
-    let mut bytes = [0u8; 16];
-    bytes.copy_from_slice(&digest[..16]);
-    ChangeId(uuid::Builder::from_random_bytes(bytes).into_uuid())
+    ChangeId(derived_uuid(&[
+        b"comodit job change\0",
+        job.0.as_bytes(),
+        host.0.as_bytes(),
+    ]))
 }
 
 fn job_location(org: OrgId, job: JobId) -> String {
