@@ -50,7 +50,9 @@ pub struct ActorsConfig {
     pub actor_call_timeout: Duration,
     /// Host actors doing work (store calls, publishes) at once, all hosts together. The others
     /// wait with a small future: a node start or a shard gain starts thousands of actors at
-    /// once, and each one's work needs a few KiB while it runs. Default 256.
+    /// once, and each one's work needs a few KiB while it runs. Work on messages from the shard
+    /// queues (replies, hellos) has its own bound of the same size, so answers are recorded while
+    /// new work waits. Default 256.
     pub max_concurrent_tasks: usize,
     /// Bind a queue to RabbitMQ's `amq.rabbitmq.event` exchange (`connection.closed`) to mark a
     /// host offline as soon as its connection drops. Needs the `rabbitmq_event_exchange` plugin

@@ -118,6 +118,15 @@ impl Lost for Result<Change, OpsError> {
     }
 }
 
+/// Which bound a host actor's work waits on ([`Core::work`], [`Core::inbound_work`]).
+#[derive(Clone, Copy)]
+enum Lane {
+    /// Its own work: loading, sending changes, timers, API calls.
+    Own,
+    /// A message from the shard queue (already bounded by the queues' prefetch).
+    Inbound,
+}
+
 impl HostActor {
     pub(crate) fn new(core: Arc<Core>, host: HostId, due: Arc<AtomicI64>) -> HostActor {
         core.actor_started();
@@ -137,11 +146,12 @@ impl HostActor {
         F: FnOnce(HostState) -> Fut + Send + 'static,
         Fut: Future<Output = (HostState, R, Flow)> + Send + 'static,
     {
-        AtomicResponse::new(self.task(f))
+        AtomicResponse::new(self.task(Lane::Own, f))
     }
 
-    /// `f` on the state as an actor future that puts the state back when done.
-    fn task<R, F, Fut>(&mut self, f: F) -> ResponseActFuture<Self, R>
+    /// `f` on the state as an actor future that puts the state back when done, once a slot of
+    /// `lane` is free.
+    fn task<R, F, Fut>(&mut self, lane: Lane, f: F) -> ResponseActFuture<Self, R>
     where
         R: Lost + Send + 'static,
         F: FnOnce(HostState) -> Fut + Send + 'static,
@@ -163,7 +173,11 @@ impl HostActor {
             async move {
                 // Wait for a slot holding only this small future; the work's own future (a few
                 // KiB) exists only while it runs.
-                let _slot = core.work.acquire().await;
+                let slots = match lane {
+                    Lane::Own => &core.work,
+                    Lane::Inbound => &core.inbound_work,
+                };
+                let _slot = slots.acquire().await;
                 Box::pin(f(state)).await
             }
             .instrument(span),
@@ -207,7 +221,7 @@ impl Actor for HostActor {
             return;
         }
         // Load before the first message (`wait` holds the mailbox); dispatch what is queued.
-        let load = self.task(move |mut s| async move {
+        let load = self.task(Lane::Own, move |mut s| async move {
             let flow = s.start().await;
             (s, (), flow)
         });
@@ -236,10 +250,10 @@ impl Handler<Inbound> for HostActor {
             drop(msg);
             return AtomicResponse::new(Box::pin(actix::fut::ready(())));
         }
-        self.run(move |mut s| async move {
+        AtomicResponse::new(self.task(Lane::Inbound, move |mut s| async move {
             let flow = s.on_inbound(msg).await;
             (s, (), flow)
-        })
+        }))
     }
 }
 

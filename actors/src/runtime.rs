@@ -57,6 +57,10 @@ pub(crate) struct Core {
     pub rt: Handle,
     /// Bounds the host actors' work in flight ([`ActorsConfig::max_concurrent_tasks`]).
     pub work: Semaphore,
+    /// The same bound for work on messages from the shard queues (replies, hellos): a lane of
+    /// their own, so that an answer is recorded while thousands of new changes wait to be sent
+    /// (a job releases every host at once), instead of waiting behind them in one queue.
+    pub inbound_work: Semaphore,
     events: broadcast::Sender<NodeEvent>,
     /// `submit` calls waiting for a change to become final.
     waiters: Mutex<HashMap<ChangeId, oneshot::Sender<Change>>>,
@@ -218,6 +222,7 @@ impl Orchestrator {
         let Buses { bus, kicks } = buses.into();
         let core = Arc::new(Core {
             work: Semaphore::new(config.max_concurrent_tasks.max(1)),
+            inbound_work: Semaphore::new(config.max_concurrent_tasks.max(1)),
             config,
             store,
             down_exchange: names.down_exchange(),
