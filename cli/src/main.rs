@@ -224,6 +224,12 @@ enum Jobs {
         #[command(flatten)]
         target: JobTarget,
     },
+    /// The organization's jobs, newest first.
+    List {
+        org: String,
+        #[arg(long)]
+        cursor: Option<String>,
+    },
     /// A job and how many of its hosts are where.
     Get { org: String, job: String },
     /// The job's hosts, each with its change and status.
@@ -593,6 +599,11 @@ fn run(cli: Cli) -> anyhow::Result<Option<Value>> {
             "POST",
             &format!("/orgs/{}/jobs", enc(&org)),
             Some(json!({"target": target.json(), "command": command})),
+        )?,
+        Verb::Jobs(Jobs::List { org, cursor }) => api.call(
+            "GET",
+            &format!("/orgs/{}/jobs{}", enc(&org), query(&[("cursor", cursor)])),
+            None,
         )?,
         Verb::Jobs(Jobs::Get { org, job }) => {
             api.call("GET", &format!("/orgs/{}/jobs/{}", enc(&org), enc(&job)), None)?

@@ -317,6 +317,9 @@ fn the_cli_drives_the_api() {
     assert_eq!(done["status"], "done", "{done}");
     assert_eq!(done["counts"]["applied"], 1, "{done}");
     assert_eq!(std::fs::read_to_string(&jobs_file).unwrap(), "job\n");
+    let (code, listed, err) = cli(&["jobs", "list", "default"]);
+    assert_eq!(code, Some(0), "{err}");
+    assert_eq!(listed["items"][0]["id"], id.as_str(), "{listed}");
     let (code, hosts, err) = cli(&["jobs", "hosts", "default", &id]);
     assert_eq!(code, Some(0), "{err}");
     assert_eq!(hosts["items"][0]["host"], host.as_str(), "{hosts}");

@@ -104,6 +104,7 @@ macro_rules! __conformance_checks {
             settings,
             jobs_and_results,
             job_changes_keep_results_and_counts,
+            jobs_listed_per_org_newest_first,
             idempotency_keys,
             idempotency_keys_lapse_and_purge,
         }
@@ -2273,6 +2274,54 @@ pub async fn jobs_and_results(store: &dyn Store) {
             .await,
         StoreError::NotFound(_)
     );
+}
+
+pub async fn jobs_listed_per_org_newest_first(store: &dyn Store) {
+    let (acme, _prod) = acme(store).await;
+    let other = new_org(store, "umbrella").await;
+    let base = now();
+    let mut made = Vec::new();
+    for i in 0..5 {
+        let job = Job {
+            id: JobId::random(),
+            org: acme.id,
+            spec: serde_json::json!({"n": i}),
+            status: JobStatus::Running,
+            created_at: base + Duration::seconds(i),
+            created_by: "alice".into(),
+            version: 0,
+        };
+        store.create_job(&job).await.unwrap();
+        made.push(job.id);
+    }
+    let theirs = Job {
+        id: JobId::random(),
+        org: other.id,
+        spec: serde_json::json!({}),
+        status: JobStatus::Running,
+        created_at: base + Duration::seconds(10),
+        created_by: "bob".into(),
+        version: 0,
+    };
+    store.create_job(&theirs).await.unwrap();
+    let listed = walk_all(2, |p| async move { store.list_jobs(acme.id, &p).await }).await;
+    let ids: Vec<JobId> = listed.iter().map(|j| j.id).collect();
+    made.reverse();
+    assert_eq!(
+        ids, made,
+        "the organization's jobs, newest first, each once"
+    );
+    assert!(listed.iter().all(|j| j.version == 1));
+    let theirs_listed = store.list_jobs(other.id, &Page::first(10)).await.unwrap();
+    assert_eq!(
+        theirs_listed.items.iter().map(|j| j.id).collect::<Vec<_>>(),
+        vec![theirs.id]
+    );
+    let none = store
+        .list_jobs(OrgId::random(), &Page::first(10))
+        .await
+        .unwrap();
+    assert!(none.items.is_empty() && none.next.is_none());
 }
 
 /// A change that belongs to a job writes the job's result for its host when appended, and every

@@ -32,6 +32,7 @@
 //! | `apps`                | org, name NUL version           | [`Application`]         |
 //! | `settings`            | scope kind, scope id, key       | [`Setting`]             |
 //! | `jobs`                | job                             | [`Job`]                 |
+//! | `jobs_by_org`         | org, created_at, job            | —                       |
 //! | `job_results`         | job, host                       | [`JobResult`]           |
 //! | `job_results_by_host` | host, job                       | —                       |
 //! | `job_counts`          | job                             | [`JobCounts`]           |
@@ -94,8 +95,28 @@ pub const SCHEMA_VERSION: u64 = 1 + MIGRATIONS.len() as u64;
 /// inside the transaction that then records the new version.
 pub type Migration = fn(&WriteTransaction) -> Result<()>;
 
-/// `MIGRATIONS[i]` upgrades schema version `i + 1` to `i + 2`. Version 1 is the first: none yet.
-pub const MIGRATIONS: &[Migration] = &[];
+/// `MIGRATIONS[i]` upgrades schema version `i + 1` to `i + 2`. Version 1 is the first.
+pub const MIGRATIONS: &[Migration] = &[index_jobs_by_org];
+
+/// Version 1 → 2: jobs listed per organization, newest first (`jobs_by_org`, filled from `jobs`).
+fn index_jobs_by_org(txn: &WriteTransaction) -> Result<()> {
+    let jobs = txn.open_table(JOBS)?;
+    let mut by_org = txn.open_table(JOBS_BY_ORG)?;
+    for entry in jobs.iter()? {
+        let (_, v) = entry?;
+        let job: Job = dec("job", v.value())?;
+        mark(&mut by_org, &job_org_key(&job))?;
+    }
+    Ok(())
+}
+
+fn job_org_key(job: &Job) -> Vec<u8> {
+    cat(&[
+        job.org.0.as_bytes(),
+        &time_key(job.created_at),
+        job.id.0.as_bytes(),
+    ])
+}
 
 /// Marks a redb file as a comodit store ("comodit" in ASCII), so another program's redb file is
 /// refused instead of being written into.
@@ -135,6 +156,7 @@ const AUDIT: Def = TableDefinition::new("audit");
 const APPS: Def = TableDefinition::new("apps");
 const SETTINGS: Def = TableDefinition::new("settings");
 const JOBS: Def = TableDefinition::new("jobs");
+const JOBS_BY_ORG: Def = TableDefinition::new("jobs_by_org");
 const JOB_RESULTS: Def = TableDefinition::new("job_results");
 const JOB_RESULTS_BY_HOST: Def = TableDefinition::new("job_results_by_host");
 const JOB_COUNTS: Def = TableDefinition::new("job_counts");
@@ -165,6 +187,7 @@ const ALL_TABLES: &[Def] = &[
     APPS,
     SETTINGS,
     JOBS,
+    JOBS_BY_ORG,
     JOB_RESULTS,
     JOB_RESULTS_BY_HOST,
     JOB_COUNTS,
@@ -1950,7 +1973,28 @@ impl Store for EmbeddedStore {
             if exists(&jobs, job.id.0.as_bytes())? {
                 return Err(StoreError::Conflict(format!("job {} exists", job.id)));
             }
-            put_json(&mut jobs, "job", job.id.0.as_bytes(), &job)
+            put_json(&mut jobs, "job", job.id.0.as_bytes(), &job)?;
+            mark(&mut txn.open_table(JOBS_BY_ORG)?, &job_org_key(&job))
+        })
+        .await
+    }
+
+    async fn list_jobs(&self, org: OrgId, page: &Page) -> Result<Paged<Job>> {
+        let page = page.clone();
+        self.read(move |txn| {
+            let jobs = txn.open_table(JOBS)?;
+            page_scan(
+                &txn.open_table(JOBS_BY_ORG)?,
+                org.0.as_bytes(),
+                &page,
+                Order::Descending,
+                |suffix, _| {
+                    let id = suffix.get(8..).unwrap_or_default();
+                    get_json(&jobs, "job", id)?
+                        .map(Some)
+                        .ok_or_else(|| StoreError::Backend("jobs_by_org index is dangling".into()))
+                },
+            )
         })
         .await
     }

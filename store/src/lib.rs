@@ -194,6 +194,8 @@ pub trait Store: Send + Sync + 'static {
 
     async fn create_job(&self, job: &Job) -> Result<()>;
     async fn get_job(&self, id: JobId) -> Result<Option<Job>>;
+    /// The organization's jobs, newest first.
+    async fn list_jobs(&self, org: OrgId, page: &Page) -> Result<Paged<Job>>;
     async fn update_job_status(
         &self,
         id: JobId,

@@ -90,6 +90,11 @@ pub const MIGRATIONS: &[Migration] = &[
         name: "idempotency keys",
         sql: include_str!("../migrations/0002_idempotency.sql"),
     },
+    Migration {
+        version: 3,
+        name: "jobs listed per organization",
+        sql: include_str!("../migrations/0003_jobs_by_org.sql"),
+    },
 ];
 
 /// The schema version this build writes: the last migration's.
@@ -1667,8 +1672,13 @@ impl Store for PgStore {
                 return Err(StoreError::NotFound(format!("organization {}", job.org)).into());
             }
             t.execute(
-                "INSERT INTO jobs (id, org, version, doc) VALUES ($1, $2, 1, $3)",
-                &[&job.id.0, &job.org.0, &text],
+                "INSERT INTO jobs (id, org, version, doc, created_us) VALUES ($1, $2, 1, $3, $4)",
+                &[
+                    &job.id.0,
+                    &job.org.0,
+                    &text,
+                    &job.created_at.timestamp_micros(),
+                ],
             )
             .await
             .map_err(|e| on_unique(e, |_| format!("job {} exists", job.id)))?;
@@ -1678,6 +1688,33 @@ impl Store for PgStore {
     async fn get_job(&self, id: JobId) -> Result<Option<Job>> {
         self.one("job", "SELECT doc FROM jobs WHERE id = $1", &[&id.0])
             .await
+    }
+
+    async fn list_jobs(&self, org: OrgId, page: &Page) -> Result<Paged<Job>> {
+        let (limit, cursor) = page_args(page, Some(24))?;
+        let before = cursor
+            .map(|c| {
+                let mut at = [0u8; 8];
+                at.copy_from_slice(&c[..8]);
+                Uuid::from_slice(&c[8..])
+                    .map(|id| (i64::from_be_bytes(at), id))
+                    .map_err(|_| bad_cursor(page))
+            })
+            .transpose()?;
+        let (before_at, before_id) = (before.map(|b| b.0), before.map(|b| b.1));
+        let rows = self
+            .all(
+                "SELECT doc FROM jobs
+                 WHERE org = $1 AND ($2::bigint IS NULL OR (created_us, id) < ($2, $3::uuid))
+                 ORDER BY created_us DESC, id DESC LIMIT $4",
+                &[&org.0, &before_at, &before_id, &(limit + 1)],
+            )
+            .await?;
+        Ok(paged(docs("job", &rows)?, limit, |j: &Job| {
+            let mut key = j.created_at.timestamp_micros().to_be_bytes().to_vec();
+            key.extend_from_slice(j.id.0.as_bytes());
+            key
+        }))
     }
 
     async fn update_job_status(

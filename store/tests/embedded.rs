@@ -189,7 +189,7 @@ async fn a_new_file_records_the_current_schema_version() {
     let meta = txn.open_table(META).unwrap();
     let version = meta.get("schema_version").unwrap().unwrap().value();
     assert_eq!(version, SCHEMA_VERSION);
-    assert_eq!(SCHEMA_VERSION, 1);
+    assert_eq!(SCHEMA_VERSION, 2);
 }
 
 fn set_schema_version(path: &Path, version: u64) {
@@ -212,7 +212,7 @@ async fn a_newer_schema_version_is_refused_and_left_untouched() {
     set_schema_version(&path, SCHEMA_VERSION + 1);
 
     let msg = backend_error(EmbeddedStore::open(&path));
-    assert!(msg.contains("schema version 2 is newer"), "{msg}");
+    assert!(msg.contains("schema version 3 is newer"), "{msg}");
     assert!(msg.contains("store.redb"), "names the file: {msg}");
 
     // Refusing wrote nothing: put the version back and everything is there.
@@ -240,6 +240,48 @@ async fn a_file_made_before_the_idempotency_tables_gets_them_on_open() {
     let store = EmbeddedStore::open(&path).unwrap();
     assert_eq!(store.get_host(host.id).await.unwrap(), Some(host));
     conformance::idempotency_keys(&store).await;
+}
+
+#[tokio::test]
+async fn a_version_1_file_gets_its_jobs_listed_on_open() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("store.redb");
+    let store = EmbeddedStore::open(&path).unwrap();
+    let (host, ..) = populate(&store).await;
+    let job = comodit_store::Job {
+        id: comodit_store::JobId::random(),
+        org: host.org,
+        spec: serde_json::json!({}),
+        status: comodit_store::JobStatus::Running,
+        created_at: chrono::Utc::now(),
+        created_by: "alice".into(),
+        version: 0,
+    };
+    store.create_job(&job).await.unwrap();
+    drop(store);
+    // As a file written before the index: no `jobs_by_org`, schema version 1.
+    {
+        let db = redb::Database::open(&path).unwrap();
+        let txn = db.begin_write().unwrap();
+        let def: TableDefinition<&[u8], &[u8]> = TableDefinition::new("jobs_by_org");
+        assert!(txn.delete_table(def).unwrap());
+        txn.commit().unwrap();
+    }
+    set_schema_version(&path, 1);
+    let store = EmbeddedStore::open(&path).unwrap();
+    let listed = store
+        .list_jobs(host.org, &comodit_store::Page::first(10))
+        .await
+        .unwrap();
+    assert_eq!(
+        listed.items.iter().map(|j| j.id).collect::<Vec<_>>(),
+        vec![job.id]
+    );
+    drop(store);
+    let db = redb::Database::open(&path).unwrap();
+    let txn = db.begin_read().unwrap();
+    let meta = txn.open_table(META).unwrap();
+    assert_eq!(meta.get("schema_version").unwrap().unwrap().value(), 2);
 }
 
 #[tokio::test]

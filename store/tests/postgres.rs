@@ -128,19 +128,40 @@ async fn a_database_at_an_older_version_is_migrated_with_its_data() {
     let (url, _db) = comodit_testkit::fresh_pg_database();
     let first = PgStore::connect(&url, 2).await.unwrap();
     let host = one_host(&first).await;
+    let job = comodit_store::Job {
+        id: comodit_store::JobId::random(),
+        org: host.org,
+        spec: serde_json::json!({}),
+        status: comodit_store::JobStatus::Running,
+        created_at: chrono::Utc::now(),
+        created_by: "alice".into(),
+        version: 0,
+    };
+    first.create_job(&job).await.unwrap();
     drop(first);
-    // Back to version 1, as a database made before the idempotency keys.
+    // Back to version 1, as a database made before the idempotency keys and the jobs' listing.
     raw_client(&url)
         .await
         .batch_execute(
-            "DROP TABLE idempotency_keys; DELETE FROM schema_migrations WHERE version = 2",
+            "DROP TABLE idempotency_keys; DROP INDEX jobs_by_org;
+             ALTER TABLE jobs DROP COLUMN created_us;
+             DELETE FROM schema_migrations WHERE version IN (2, 3)",
         )
         .await
         .unwrap();
     assert_eq!(applied_versions(&url).await, vec![1]);
     let store = PgStore::connect(&url, 2).await.unwrap();
     assert_eq!(applied_versions(&url).await, all_versions());
-    assert_eq!(store.get_host(host.id).await.unwrap(), Some(host));
+    assert_eq!(store.get_host(host.id).await.unwrap(), Some(host.clone()));
+    // The job made before the column is listed, at its time.
+    let listed = store
+        .list_jobs(host.org, &comodit_store::Page::first(10))
+        .await
+        .unwrap();
+    assert_eq!(
+        listed.items.iter().map(|j| j.id).collect::<Vec<_>>(),
+        vec![job.id]
+    );
     conformance::idempotency_keys(&store).await;
 }
 

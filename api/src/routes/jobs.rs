@@ -557,6 +557,37 @@ async fn view(app: &Shared, job: Job) -> Result<JobView, ApiError> {
     })
 }
 
+/// The organization's jobs, newest first, each with its counts. A token scoped to one
+/// environment sees that environment's jobs only (a page may then hold fewer than `limit`).
+#[utoipa::path(get, path = "/api/v1/orgs/{org}/jobs", tag = "jobs",
+    params(("org" = String, Path, description = "Organization id or name"), PageQuery),
+    responses((status = 200, description = "A page of jobs, newest first", body = PageView<JobView>)))]
+pub async fn list_jobs(
+    State(app): State<Arc<Shared>>,
+    Extension(caller): Extension<Caller>,
+    Extension(res): Extension<Resolved>,
+    Query(q): Query<PageQuery>,
+) -> Result<Json<PageView<JobView>>, ApiError> {
+    let page = page(&app.state.limits, &q)?;
+    let org = res.org()?.id;
+    let paged = app.state.store.list_jobs(org, &page).await?;
+    let only_env = match caller.scope() {
+        Scope::Env { env, .. } => Some(env),
+        _ => None,
+    };
+    let mut items = Vec::with_capacity(paged.items.len());
+    for job in paged.items {
+        if only_env.is_some_and(|e| spec_of(&job).env != Some(e)) {
+            continue;
+        }
+        items.push(view(&app, job).await?);
+    }
+    Ok(Json(PageView {
+        items,
+        next: paged.next,
+    }))
+}
+
 /// One job and how many of its hosts are where.
 #[utoipa::path(get, path = "/api/v1/orgs/{org}/jobs/{job}", tag = "jobs",
     params(("org" = String, Path, description = "Organization id or name"),

@@ -317,10 +317,39 @@ async fn job_scopes_follow_the_organization_and_environment() {
         }
     };
     assert_eq!(
-        get(prod_reader.clone(), org_job).await,
+        get(prod_reader.clone(), org_job.clone()).await,
         StatusCode::NOT_FOUND
     );
-    assert_eq!(get(prod_reader, prod_job).await, StatusCode::OK);
+    assert_eq!(
+        get(prod_reader.clone(), prod_job.clone()).await,
+        StatusCode::OK
+    );
+    // The listing: newest first for the organization's tokens, the environment's own for theirs.
+    let ids = |r: &crate::common::Resp| -> Vec<String> {
+        r.json()["items"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|j| j["id"].as_str().unwrap().to_owned())
+            .collect()
+    };
+    let all = app.get("/api/v1/orgs/acme/jobs").await;
+    assert_eq!(all.status, StatusCode::OK, "{}", all.text);
+    assert_eq!(ids(&all), vec![org_job.clone(), prod_job.clone()]);
+    assert_eq!(all.json()["items"][0]["hosts"], 2);
+    let theirs = app
+        .call(
+            Method::GET,
+            "/api/v1/orgs/acme/jobs",
+            Some(&prod_reader),
+            None,
+        )
+        .await;
+    assert_eq!(theirs.status, StatusCode::OK, "{}", theirs.text);
+    assert_eq!(ids(&theirs), vec![prod_job]);
+    let first = app.get("/api/v1/orgs/acme/jobs?limit=1").await;
+    assert_eq!(ids(&first), vec![org_job]);
+    assert!(first.json()["next"].is_string());
     // Every job creation is in the audit log.
     let audited = app
         .audit()
