@@ -97,6 +97,9 @@ enum Scenario {
     Job {
         #[command(flatten)]
         common: scenarios::Common,
+        /// At most this many hosts pending at once (the job's `max_concurrency`); default all.
+        #[arg(long)]
+        max_concurrency: Option<u64>,
     },
     /// The broker's ceiling with no node: unicast and broadcast to --hosts queues.
     Bare {
@@ -296,7 +299,14 @@ fn fleet_scenario(s: Scenario) -> anyhow::Result<()> {
             ),
             Scenario::Apply { common } => ("apply", common.clone(), json!({})),
             Scenario::Run { common } => ("run", common.clone(), json!({})),
-            Scenario::Job { common } => ("job", common.clone(), json!({})),
+            Scenario::Job {
+                common,
+                max_concurrency,
+            } => (
+                "job",
+                common.clone(),
+                json!({"max_concurrency": max_concurrency}),
+            ),
             Scenario::Bare { common } => ("bare", common.clone(), json!({})),
             Scenario::Failover {
                 common, kill_after, ..
@@ -321,8 +331,11 @@ fn fleet_scenario(s: Scenario) -> anyhow::Result<()> {
             Scenario::Run { .. } => {
                 scenarios::api_wave_scenario(&mut ctx, scenarios::ApiOp::Run).await
             }
-            Scenario::Job { .. } => {
-                scenarios::api_wave_scenario(&mut ctx, scenarios::ApiOp::Job).await
+            Scenario::Job {
+                max_concurrency, ..
+            } => {
+                let op = scenarios::ApiOp::Job { max_concurrency };
+                scenarios::api_wave_scenario(&mut ctx, op).await
             }
             Scenario::Bare { .. } => scenarios::bare_only(&mut ctx).await,
             Scenario::Failover {

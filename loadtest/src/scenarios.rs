@@ -769,15 +769,18 @@ pub enum ApiOp {
         content: String,
     },
     Run,
-    /// The same `run` to every host in one request: a job (`POST /orgs/{org}/jobs`).
-    Job,
+    /// The same `run` to every host in one request: a job (`POST /orgs/{org}/jobs`), at most
+    /// `max_concurrency` hosts pending at once if given.
+    Job {
+        max_concurrency: Option<u64>,
+    },
 }
 
 pub async fn api_wave_scenario(ctx: &mut Ctx, op: ApiOp) -> anyhow::Result<()> {
     // The ceiling first, on a broker that holds none of this run's queues yet.
     let body = match &op {
         ApiOp::Apply { content } => apply_body(content)?,
-        ApiOp::Run | ApiOp::Job => run_body(),
+        ApiOp::Run | ApiOp::Job { .. } => run_body(),
     };
     let bare = bare_phase(ctx, body, true).await?;
     let mut rig = Rig::single(ctx)?;
@@ -796,10 +799,14 @@ pub async fn api_wave_scenario(ctx: &mut Ctx, op: ApiOp) -> anyhow::Result<()> {
         let name = match op {
             ApiOp::Apply { .. } => "api_apply",
             ApiOp::Run => "api_run",
-            ApiOp::Job => "api_job",
+            ApiOp::Job { .. } => "api_job",
         };
         match op {
-            ApiOp::Job => eprintln!("{name}: one job to all {} hosts", ids.len()),
+            ApiOp::Job { max_concurrency } => eprintln!(
+                "{name}: one job to all {} hosts, at most {} pending",
+                ids.len(),
+                max_concurrency.map_or("all".to_owned(), |n| n.to_string())
+            ),
             _ => eprintln!(
                 "{name}: one command to each of {} hosts, {} at a time",
                 ids.len(),
@@ -816,7 +823,17 @@ pub async fn api_wave_scenario(ctx: &mut Ctx, op: ApiOp) -> anyhow::Result<()> {
             let deadline = Duration::from_secs(ctx.c.deadline_s);
             let keys = ctx.c.idempotency_keys.then_some(keys.as_str());
             let mut wave = match op {
-                ApiOp::Job => job_wave(&wave_name, rig.api(), ids.len(), deadline, keys).await?,
+                ApiOp::Job { max_concurrency } => {
+                    job_wave(
+                        &wave_name,
+                        rig.api(),
+                        ids.len(),
+                        max_concurrency,
+                        deadline,
+                        keys,
+                    )
+                    .await?
+                }
                 _ => {
                     let apis = &rig.apis;
                     let (w, _) = api_wave(
@@ -1021,12 +1038,14 @@ pub async fn job_wave(
     name: &str,
     api: &Api,
     hosts: usize,
+    max_concurrency: Option<u64>,
     deadline: Duration,
     key: Option<&str>,
 ) -> anyhow::Result<Wave> {
     let body = json!({
         "target": {"env": "default"},
         "command": {"run": {"argv": ["/bin/true"], "timeout_s": 30}},
+        "max_concurrency": max_concurrency,
     });
     let start = Instant::now();
     let start_wall = chrono::Utc::now();
@@ -1136,7 +1155,7 @@ async fn one_request(
             format!("/api/v1/hosts/{host}/resources/files/etc/comodit-loadtest.conf?wait_s={wait}"),
             json!({"spec": {"content": content, "mode": "0644"}, "monitor": false}),
         ),
-        ApiOp::Run | ApiOp::Job => (
+        ApiOp::Run | ApiOp::Job { .. } => (
             "POST",
             format!("/api/v1/hosts/{host}/run?wait_s={wait}"),
             json!({"argv": ["/bin/true"], "timeout_s": 30}),

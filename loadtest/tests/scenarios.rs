@@ -231,6 +231,7 @@ fn run_answers_every_host_through_the_api_in_every_wave() {
 #[test]
 fn a_job_reaches_every_host_once_and_counts_injected_failures() {
     // One request for the whole fleet, keyed, in two waves (two jobs on the same hosts).
+    // Paced: at most 64 of the 200 hosts pending at once, the rest released as hosts answer.
     let (r, _dir) = run(&[
         "job",
         "--fail-fraction",
@@ -238,7 +239,10 @@ fn a_job_reaches_every_host_once_and_counts_injected_failures() {
         "--waves",
         "2",
         "--idempotency-keys",
+        "--max-concurrency",
+        "64",
     ]);
+    assert_eq!(r["params"]["max_concurrency"], 64, "{}", r["params"]);
     let c = &r["counts"];
     assert_eq!(c["expected"], 2 * HOSTS, "{c}");
     assert_eq!(c["counted"], 2 * HOSTS, "{c}");

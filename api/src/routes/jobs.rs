@@ -115,6 +115,10 @@ pub struct CreateJob {
     /// change lifetime, 600; at most 86,400). Offline hosts get the command if they come back
     /// in time.
     pub ttl_s: Option<u64>,
+    /// At most this many hosts with the job's command pending (sent or waiting to be sent) at
+    /// once: the rest are released as hosts answer (or their changes expire). Absent: every
+    /// host at once.
+    pub max_concurrency: Option<u64>,
 }
 
 /// What is stored as the job's `spec`.
@@ -126,6 +130,8 @@ struct JobSpec {
     ttl_s: u64,
     /// Hosts the target matched when the job was created.
     hosts: u64,
+    #[serde(default)]
+    max_concurrency: Option<u64>,
 }
 
 /// How many of a job's hosts are where.
@@ -178,6 +184,8 @@ pub struct JobView {
     pub ttl_s: u64,
     /// Hosts the target matched.
     pub hosts: u64,
+    /// At most this many hosts pending at once (absent: all at once).
+    pub max_concurrency: Option<u64>,
     /// Hosts with a recorded change, by status (`queued` … `cancelled`; a change answered within
     /// 2 s goes from `queued` straight to its outcome).
     pub counts: JobCountsView,
@@ -275,7 +283,7 @@ pub async fn create_env_job(
 }
 
 async fn release(
-    app: &Shared,
+    app: &Arc<Shared>,
     caller: &Caller,
     res: &Resolved,
     route_env: Option<EnvId>,
@@ -291,6 +299,16 @@ async fn release(
         return Err(
             ApiError::unprocessable(format!("ttl_s must be 1..={MAX_JOB_TTL_S}")).field("ttl_s"),
         );
+    }
+    if body
+        .max_concurrency
+        .is_some_and(|n| n == 0 || n > limits.max_job_hosts as u64)
+    {
+        return Err(ApiError::unprocessable(format!(
+            "max_concurrency must be 1..={}",
+            limits.max_job_hosts
+        ))
+        .field("max_concurrency"));
     }
     let env = match (&body.target.env, route_env) {
         (Some(e), route) => {
@@ -335,6 +353,7 @@ async fn release(
         command: body.command,
         ttl_s,
         hosts: hosts.len() as u64,
+        max_concurrency: body.max_concurrency,
     };
     let spec =
         serde_json::to_value(&spec).map_err(|e| ApiError::internal(format!("job spec: {e}")))?;
@@ -366,11 +385,48 @@ async fn release(
         change_id: None,
         job: Some(job.id),
     };
-    let ids: Vec<HostId> = hosts.iter().map(|h| h.id).collect();
-    let job_id = job.id;
-    let mut submitted = futures_util::stream::iter(ids.into_iter().map(|host| {
+    let mut ids: Vec<HostId> = hosts.iter().map(|h| h.id).collect();
+    // A paced job records its first `max_concurrency` hosts now, the rest as they answer.
+    let rest = match spec_max(&job) {
+        Some(max) if (max as usize) < ids.len() => ids.split_off(max as usize),
+        _ => Vec::new(),
+    };
+    let recorded = ids.len() as u64;
+    let (skipped, skipped_count) = record_changes(app, job.id, &command, &opts, ids).await?;
+    if !rest.is_empty() {
+        let max = spec_max(&job).unwrap_or(u64::MAX);
+        tokio::spawn(pace(app.clone(), job.id, command, opts, rest, max));
+    }
+    tracing::info!(job = %job.id, hosts = hosts.len(), recorded, skipped = skipped_count,
+        elapsed_ms = started.elapsed().as_millis() as u64, "job released");
+    let mut view = view(app, job).await?;
+    view.skipped = skipped;
+    view.skipped_count = skipped_count;
+    let location = job_location(org.id, JobId(view.id));
+    let mut resp = (StatusCode::ACCEPTED, Json(view)).into_response();
+    if let Ok(v) = HeaderValue::from_str(&location) {
+        resp.headers_mut().insert(header::LOCATION, v);
+    }
+    Ok(resp)
+}
+
+fn spec_max(job: &Job) -> Option<u64> {
+    spec_of(job).max_concurrency
+}
+
+/// Records the job's change for each of `hosts`, 256 at a time; answers with the hosts for which
+/// none could be recorded (at most 100 named) and their count.
+async fn record_changes(
+    app: &Shared,
+    job: JobId,
+    command: &Body,
+    opts: &SubmitOptions,
+    hosts: Vec<HostId>,
+) -> Result<(Vec<SkippedHost>, u64), ApiError> {
+    let n = hosts.len() as u64;
+    let mut submitted = futures_util::stream::iter(hosts.into_iter().map(|host| {
         let opts = SubmitOptions {
-            change_id: Some(job_change_id(job_id, host)),
+            change_id: Some(job_change_id(job, host)),
             ..opts.clone()
         };
         let (ops, body) = (app.state.ops.clone(), command.clone());
@@ -396,19 +452,66 @@ async fn release(
             });
         }
     }
-    metrics::counter!("comodit_api_job_changes_recorded_total")
-        .increment(hosts.len() as u64 - skipped_count);
-    tracing::info!(job = %job.id, hosts = hosts.len(), skipped = skipped_count,
-        elapsed_ms = started.elapsed().as_millis() as u64, "job released");
-    let mut view = view(app, job).await?;
-    view.skipped = skipped;
-    view.skipped_count = skipped_count;
-    let location = job_location(org.id, JobId(view.id));
-    let mut resp = (StatusCode::ACCEPTED, Json(view)).into_response();
-    if let Ok(v) = HeaderValue::from_str(&location) {
-        resp.headers_mut().insert(header::LOCATION, v);
+    metrics::counter!("comodit_api_job_changes_recorded_total").increment(n - skipped_count);
+    Ok((skipped, skipped_count))
+}
+
+/// How often a paced job looks at its counts to release more hosts.
+const PACE_POLL: Duration = Duration::from_millis(200);
+
+/// Releases the rest of a paced job as its hosts finish: at most `max` of its changes pending at
+/// once. Runs on the node that created the job, until every host has its change, the job is
+/// cancelled or the node stops. If the node dies first, the job shows fewer changes than hosts
+/// (`running`); the request retried with its `Idempotency-Key` picks up where it stopped.
+async fn pace(
+    app: Arc<Shared>,
+    job: JobId,
+    command: Body,
+    opts: SubmitOptions,
+    rest: Vec<HostId>,
+    max: u64,
+) {
+    let store = app.state.store.clone();
+    let cancelled = |j: &Option<Job>| j.as_ref().is_none_or(|j| j.status == JobStatus::Cancelled);
+    let mut rest = rest.into_iter().peekable();
+    while rest.peek().is_some() {
+        tokio::time::sleep(PACE_POLL).await;
+        let (now, counts) = match (store.get_job(job).await, store.job_counts(job).await) {
+            (Ok(now), Ok(counts)) => (now, counts),
+            (Err(e), _) | (_, Err(e)) => {
+                tracing::warn!(job = %job, error = %e, "paced job: cannot read its state");
+                continue;
+            }
+        };
+        if cancelled(&now) {
+            tracing::info!(job = %job, left = rest.len(), "paced job cancelled: releasing no more");
+            return;
+        }
+        let room = max.saturating_sub(counts.pending()) as usize;
+        if room == 0 {
+            continue;
+        }
+        let next: Vec<HostId> = rest.by_ref().take(room).collect();
+        let released = next.clone();
+        match record_changes(&app, job, &command, &opts, next).await {
+            Ok((_, 0)) => {}
+            Ok((skipped, n)) => {
+                tracing::warn!(job = %job, skipped = n, first = ?skipped.first().map(|s| &s.reason), "paced job: hosts skipped")
+            }
+            Err(e) => {
+                tracing::warn!(job = %job, error = %e.detail, left = rest.len(), "paced job stopped");
+                return;
+            }
+        }
+        // A cancel that ran while this batch was recorded did not see it: cancel it too.
+        if store.get_job(job).await.is_ok_and(|j| cancelled(&j)) {
+            for host in released {
+                let _ = app.state.ops.cancel(host, job_change_id(job, host)).await;
+            }
+            return;
+        }
     }
-    Ok(resp)
+    tracing::info!(job = %job, "paced job: every host released");
 }
 
 /// Every host the filter matches, up to the node's limit.
@@ -523,6 +626,7 @@ fn spec_of(job: &Job) -> JobSpec {
         command: JobCommand::Ping,
         ttl_s: 0,
         hosts: 0,
+        max_concurrency: None,
     })
 }
 
@@ -549,6 +653,7 @@ async fn view(app: &Shared, job: Job) -> Result<JobView, ApiError> {
         command: serde_json::to_value(&spec.command).unwrap_or_default(),
         ttl_s: spec.ttl_s,
         hosts: spec.hosts,
+        max_concurrency: spec.max_concurrency,
         counts: counts.into(),
         created_at: job.created_at,
         created_by: job.created_by,

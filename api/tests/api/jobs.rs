@@ -446,3 +446,92 @@ async fn cancelling_a_job_cancels_its_queued_changes() {
     assert_eq!(r.status, StatusCode::OK);
     assert_eq!(r.json()["counts"]["cancelled"], 1);
 }
+
+#[tokio::test]
+async fn a_paced_job_releases_hosts_as_others_answer_and_stops_when_cancelled() {
+    let app = TestApp::new().await;
+    let (_org, prod, web1) = app.fleet().await;
+    let web2 = app.host(&prod, "web-2").await;
+    let web3 = app.host(&prod, "web-3").await;
+    // Every host's change stays pending until the test says it answered.
+    for _ in 0..3 {
+        app.ops.answer(Answer::Pending);
+    }
+    let r = app
+        .call(
+            Method::POST,
+            "/api/v1/orgs/acme/jobs",
+            Some(&app.admin),
+            Some(json!({"command": "ping", "max_concurrency": 1})),
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::ACCEPTED, "{}", r.text);
+    let job = r.json();
+    assert_eq!(job["hosts"], 3);
+    assert_eq!(job["max_concurrency"], 1);
+    assert_eq!(job["counts"]["queued"], 1, "{job}");
+    let id = job["id"].as_str().unwrap().to_owned();
+    let submits = || app.ops.submits();
+    tokio::time::sleep(std::time::Duration::from_millis(600)).await;
+    assert_eq!(
+        submits().len(),
+        1,
+        "nothing more while the first is pending"
+    );
+
+    // The first host answers: the next one is released.
+    let first = submits()[0].clone();
+    app.store
+        .update_change(
+            first.host,
+            first.change_id.unwrap(),
+            ChangeStatus::Applied,
+            None,
+            comodit_protocol::Epoch(1),
+        )
+        .await
+        .unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while submits().len() < 2 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the second host was not released"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    let r = app.get(&format!("/api/v1/orgs/acme/jobs/{id}")).await;
+    assert_eq!(r.json()["counts"]["applied"], 1);
+    assert_eq!(r.json()["counts"]["queued"], 1);
+    assert_eq!(r.json()["status"], "running");
+
+    // Cancelled: the queued one is cancelled and the last host never gets the command.
+    let r = app
+        .call(
+            Method::POST,
+            &format!("/api/v1/orgs/acme/jobs/{id}/cancel"),
+            Some(&app.admin),
+            None,
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.text);
+    assert_eq!(r.json()["counts"]["cancelled"], 1, "{}", r.text);
+    tokio::time::sleep(std::time::Duration::from_millis(600)).await;
+    assert_eq!(submits().len(), 2, "no host released after the cancel");
+    let released: Vec<_> = submits().iter().map(|s| s.host).collect();
+    let untouched = [web1.id, web2.id, web3.id]
+        .into_iter()
+        .find(|h| !released.contains(h))
+        .unwrap();
+    assert!(changes_of(&app, untouched).await.is_empty());
+
+    // Out of range: refused.
+    let r = app
+        .call(
+            Method::POST,
+            "/api/v1/orgs/acme/jobs",
+            Some(&app.admin),
+            Some(json!({"command": "ping", "max_concurrency": 0})),
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::UNPROCESSABLE_ENTITY);
+}
