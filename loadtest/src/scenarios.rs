@@ -1069,7 +1069,7 @@ pub async fn job_wave(
         job["hosts"]
     );
     eprintln!(
-        "{name}: job {id} recorded for {hosts} hosts in {:.2} s",
+        "{name}: job {id} for {hosts} hosts accepted in {:.2} s",
         released.as_secs_f64()
     );
     let path = format!("/api/v1/orgs/default/jobs/{id}");
