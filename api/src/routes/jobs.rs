@@ -476,7 +476,9 @@ async fn pace(
     let mut rest = rest.into_iter().peekable();
     while rest.peek().is_some() {
         tokio::time::sleep(PACE_POLL).await;
-        let (now, counts) = match (store.get_job(job).await, store.job_counts(job).await) {
+        // Counts first: a cancel between the two reads is then seen here.
+        let counts = store.job_counts(job).await;
+        let (now, counts) = match (store.get_job(job).await, counts) {
             (Ok(now), Ok(counts)) => (now, counts),
             (Err(e), _) | (_, Err(e)) => {
                 tracing::warn!(job = %job, error = %e, "paced job: cannot read its state");
