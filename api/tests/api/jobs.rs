@@ -5,10 +5,14 @@ use axum::http::{HeaderValue, Method, StatusCode};
 use comodit_store::{ChangeStatus, Page, Role, Scope};
 use serde_json::{json, Value};
 
-use crate::common::{request, Answer, TestApp};
+use crate::common::{request, Answer, Resp, TestApp};
 
 fn run_uptime() -> Value {
     json!({"run": {"argv": ["uptime"]}})
+}
+
+async fn post(app: &TestApp, uri: &str, token: &str, body: Option<Value>) -> Resp {
+    app.call(Method::POST, uri, Some(token), body).await
 }
 
 /// Every change the store holds for `host`.
@@ -28,14 +32,13 @@ async fn a_job_records_one_change_per_matching_host_and_counts_them() {
     let staging = app.env(&org, "staging").await;
     let other = app.host(&staging, "stg-1").await;
 
-    let r = app
-        .call(
-            Method::POST,
-            "/api/v1/orgs/acme/jobs",
-            Some(&app.admin),
-            Some(json!({"target": {"env": "prod"}, "command": run_uptime()})),
-        )
-        .await;
+    let r = post(
+        &app,
+        "/api/v1/orgs/acme/jobs",
+        &app.admin,
+        Some(json!({"target": {"env": "prod"}, "command": run_uptime()})),
+    )
+    .await;
     assert_eq!(r.status, StatusCode::ACCEPTED, "{}", r.text);
     let job = r.json();
     let id = job["id"].as_str().unwrap().to_owned();
@@ -92,24 +95,22 @@ async fn a_job_records_one_change_per_matching_host_and_counts_them() {
         .update_host(&labelled, labelled.version)
         .await
         .unwrap();
-    let r = app
-        .call(
-            Method::POST,
-            "/api/v1/orgs/acme/jobs",
-            Some(&app.admin),
-            Some(json!({"target": {"label": "role=web"}, "command": "ping"})),
-        )
-        .await;
+    let r = post(
+        &app,
+        "/api/v1/orgs/acme/jobs",
+        &app.admin,
+        Some(json!({"target": {"label": "role=web"}, "command": "ping"})),
+    )
+    .await;
     assert_eq!(r.status, StatusCode::ACCEPTED, "{}", r.text);
     assert_eq!(r.json()["hosts"], 1);
-    let r = app
-        .call(
-            Method::POST,
-            "/api/v1/orgs/acme/jobs",
-            Some(&app.admin),
-            Some(json!({"target": {"hosts": [other.id, web1.id]}, "command": "facts"})),
-        )
-        .await;
+    let r = post(
+        &app,
+        "/api/v1/orgs/acme/jobs",
+        &app.admin,
+        Some(json!({"target": {"hosts": [other.id, web1.id]}, "command": "facts"})),
+    )
+    .await;
     assert_eq!(r.status, StatusCode::ACCEPTED, "{}", r.text);
     assert_eq!(r.json()["hosts"], 2);
 
@@ -130,17 +131,9 @@ async fn a_bad_job_is_refused_and_records_nothing() {
     let app = TestApp::new().await;
     let (org, prod, web1) = app.fleet().await;
     let empty = app.env(&org, "empty").await;
-    let post = |body: Value| {
+    let post_job = |body: Value| {
         let app = &app;
-        async move {
-            app.call(
-                Method::POST,
-                "/api/v1/orgs/acme/jobs",
-                Some(&app.admin),
-                Some(body),
-            )
-            .await
-        }
+        async move { post(app, "/api/v1/orgs/acme/jobs", &app.admin, Some(body)).await }
     };
     let cases = [
         (
@@ -189,7 +182,7 @@ async fn a_bad_job_is_refused_and_records_nothing() {
         ),
     ];
     for (body, want) in cases {
-        let r = post(body.clone()).await;
+        let r = post_job(body.clone()).await;
         let got = r.status;
         // serde's refusals of the body are 400 or 422 depending on where they fail; both refuse.
         assert!(
@@ -210,7 +203,7 @@ async fn a_bad_job_is_refused_and_records_nothing() {
     let umbrella = app.org("umbrella").await;
     let theirs = app.env(&umbrella, "prod").await;
     let their_host = app.host(&theirs, "u-1").await;
-    let r = post(json!({"command": "ping", "target": {"hosts": [their_host.id]}})).await;
+    let r = post_job(json!({"command": "ping", "target": {"hosts": [their_host.id]}})).await;
     assert_eq!(r.status, StatusCode::UNPROCESSABLE_ENTITY);
     assert!(changes_of(&app, their_host.id).await.is_empty());
 }
@@ -243,64 +236,52 @@ async fn job_scopes_follow_the_organization_and_environment() {
         .await;
     let body = json!({"command": "ping"});
     // The organization-wide route needs the organization's scope.
-    let r = app
-        .call(
-            Method::POST,
-            "/api/v1/orgs/acme/jobs",
-            Some(&prod_operator),
-            Some(body.clone()),
-        )
-        .await;
+    let r = post(
+        &app,
+        "/api/v1/orgs/acme/jobs",
+        &prod_operator,
+        Some(body.clone()),
+    )
+    .await;
     assert_eq!(r.status, StatusCode::FORBIDDEN);
-    let r = app
-        .call(
-            Method::POST,
-            "/api/v1/orgs/acme/envs/staging/jobs",
-            Some(&prod_operator),
-            Some(body.clone()),
-        )
-        .await;
+    let r = post(
+        &app,
+        "/api/v1/orgs/acme/envs/staging/jobs",
+        &prod_operator,
+        Some(body.clone()),
+    )
+    .await;
     assert_eq!(r.status, StatusCode::FORBIDDEN);
-    let r = app
-        .call(
-            Method::POST,
-            "/api/v1/orgs/acme/envs/prod/jobs",
-            Some(&prod_reader),
-            Some(body.clone()),
-        )
-        .await;
+    let r = post(
+        &app,
+        "/api/v1/orgs/acme/envs/prod/jobs",
+        &prod_reader,
+        Some(body.clone()),
+    )
+    .await;
     assert_eq!(r.status, StatusCode::FORBIDDEN);
     assert!(app.ops.submits().is_empty());
     // Its own environment's route works, and the path's environment wins over none in the body.
-    let r = app
-        .call(
-            Method::POST,
-            "/api/v1/orgs/acme/envs/prod/jobs",
-            Some(&prod_operator),
-            Some(body.clone()),
-        )
-        .await;
+    let r = post(
+        &app,
+        "/api/v1/orgs/acme/envs/prod/jobs",
+        &prod_operator,
+        Some(body.clone()),
+    )
+    .await;
     assert_eq!(r.status, StatusCode::ACCEPTED, "{}", r.text);
     assert_eq!(r.json()["hosts"], 1);
     let prod_job = r.json()["id"].as_str().unwrap().to_owned();
-    let r = app
-        .call(
-            Method::POST,
-            "/api/v1/orgs/acme/envs/prod/jobs",
-            Some(&prod_operator),
-            Some(json!({"command": "ping", "target": {"env": "staging"}})),
-        )
-        .await;
+    let r = post(
+        &app,
+        "/api/v1/orgs/acme/envs/prod/jobs",
+        &prod_operator,
+        Some(json!({"command": "ping", "target": {"env": "staging"}})),
+    )
+    .await;
     assert_eq!(r.status, StatusCode::UNPROCESSABLE_ENTITY);
     // An organization-wide job is not visible to the environment's tokens; theirs is.
-    let r = app
-        .call(
-            Method::POST,
-            "/api/v1/orgs/acme/jobs",
-            Some(&app.admin),
-            Some(body),
-        )
-        .await;
+    let r = post(&app, "/api/v1/orgs/acme/jobs", &app.admin, Some(body)).await;
     assert_eq!(r.json()["hosts"], 2);
     let org_job = r.json()["id"].as_str().unwrap().to_owned();
     let get = |token: String, job: String| {
@@ -325,7 +306,7 @@ async fn job_scopes_follow_the_organization_and_environment() {
         StatusCode::OK
     );
     // The listing: newest first for the organization's tokens, the environment's own for theirs.
-    let ids = |r: &crate::common::Resp| -> Vec<String> {
+    let ids = |r: &Resp| -> Vec<String> {
         r.json()["items"]
             .as_array()
             .unwrap()
@@ -401,28 +382,26 @@ async fn cancelling_a_job_cancels_its_queued_changes() {
     app.ops
         .answer(Answer::Completed(comodit_protocol::Status::Ok, None));
     app.ops.answer(Answer::Pending);
-    let r = app
-        .call(
-            Method::POST,
-            "/api/v1/orgs/acme/jobs",
-            Some(&app.admin),
-            Some(json!({"command": "ping", "target": {"hosts": [web1.id, web2.id]}})),
-        )
-        .await;
+    let r = post(
+        &app,
+        "/api/v1/orgs/acme/jobs",
+        &app.admin,
+        Some(json!({"command": "ping", "target": {"hosts": [web1.id, web2.id]}})),
+    )
+    .await;
     assert_eq!(r.status, StatusCode::ACCEPTED, "{}", r.text);
     let job = r.json();
     assert_eq!(job["status"], "running");
     assert_eq!(job["counts"]["queued"], 1);
     assert_eq!(job["counts"]["applied"], 1);
     let id = job["id"].as_str().unwrap();
-    let r = app
-        .call(
-            Method::POST,
-            &format!("/api/v1/orgs/acme/jobs/{id}/cancel"),
-            Some(&app.admin),
-            None,
-        )
-        .await;
+    let r = post(
+        &app,
+        &format!("/api/v1/orgs/acme/jobs/{id}/cancel"),
+        &app.admin,
+        None,
+    )
+    .await;
     assert_eq!(r.status, StatusCode::OK, "{}", r.text);
     assert_eq!(r.json()["status"], "cancelled");
     assert_eq!(r.json()["counts"]["cancelled"], 1);
@@ -435,14 +414,13 @@ async fn cancelling_a_job_cancels_its_queued_changes() {
     statuses.sort_by_key(|s| format!("{s:?}"));
     assert_eq!(statuses, [ChangeStatus::Applied, ChangeStatus::Cancelled]);
     // Cancelling again changes nothing.
-    let r = app
-        .call(
-            Method::POST,
-            &format!("/api/v1/orgs/acme/jobs/{id}/cancel"),
-            Some(&app.admin),
-            None,
-        )
-        .await;
+    let r = post(
+        &app,
+        &format!("/api/v1/orgs/acme/jobs/{id}/cancel"),
+        &app.admin,
+        None,
+    )
+    .await;
     assert_eq!(r.status, StatusCode::OK);
     assert_eq!(r.json()["counts"]["cancelled"], 1);
 }
@@ -457,14 +435,13 @@ async fn a_paced_job_releases_hosts_as_others_answer_and_stops_when_cancelled() 
     for _ in 0..3 {
         app.ops.answer(Answer::Pending);
     }
-    let r = app
-        .call(
-            Method::POST,
-            "/api/v1/orgs/acme/jobs",
-            Some(&app.admin),
-            Some(json!({"command": "ping", "max_concurrency": 1})),
-        )
-        .await;
+    let r = post(
+        &app,
+        "/api/v1/orgs/acme/jobs",
+        &app.admin,
+        Some(json!({"command": "ping", "max_concurrency": 1})),
+    )
+    .await;
     assert_eq!(r.status, StatusCode::ACCEPTED, "{}", r.text);
     let job = r.json();
     assert_eq!(job["hosts"], 3);
@@ -510,14 +487,13 @@ async fn a_paced_job_releases_hosts_as_others_answer_and_stops_when_cancelled() 
     assert_eq!(job["status"], "running");
 
     // Cancelled: the queued one is cancelled and the last host never gets the command.
-    let r = app
-        .call(
-            Method::POST,
-            &format!("/api/v1/orgs/acme/jobs/{id}/cancel"),
-            Some(&app.admin),
-            None,
-        )
-        .await;
+    let r = post(
+        &app,
+        &format!("/api/v1/orgs/acme/jobs/{id}/cancel"),
+        &app.admin,
+        None,
+    )
+    .await;
     assert_eq!(r.status, StatusCode::OK, "{}", r.text);
     assert_eq!(r.json()["counts"]["cancelled"], 1, "{}", r.text);
     tokio::time::sleep(std::time::Duration::from_millis(600)).await;
@@ -536,13 +512,12 @@ async fn a_paced_job_releases_hosts_as_others_answer_and_stops_when_cancelled() 
         "{third_changes:?}"
     );
     // Out of range: refused.
-    let r = app
-        .call(
-            Method::POST,
-            "/api/v1/orgs/acme/jobs",
-            Some(&app.admin),
-            Some(json!({"command": "ping", "max_concurrency": 0})),
-        )
-        .await;
+    let r = post(
+        &app,
+        "/api/v1/orgs/acme/jobs",
+        &app.admin,
+        Some(json!({"command": "ping", "max_concurrency": 0})),
+    )
+    .await;
     assert_eq!(r.status, StatusCode::UNPROCESSABLE_ENTITY);
 }
