@@ -297,6 +297,19 @@ fn change_record(host: HostId, epoch: u64) -> Change {
     }
 }
 
+/// A running job of `org`, created at `created_at`, for tests (the store sets its version).
+pub fn job_record(org: OrgId, created_at: DateTime<Utc>) -> Job {
+    Job {
+        id: JobId::random(),
+        org,
+        spec: serde_json::json!({}),
+        status: JobStatus::Running,
+        created_at,
+        created_by: "conformance".into(),
+        version: 0,
+    }
+}
+
 fn reply(host: HostId, to: CommandId) -> Reply {
     Reply {
         v: V1,
@@ -755,15 +768,7 @@ pub async fn delete_host_removes_everything_of_the_host(store: &dyn Store) {
         .append_change(&change_record(host.id, 3))
         .await
         .unwrap();
-    let job = Job {
-        id: JobId::random(),
-        org: acme.id,
-        spec: serde_json::json!({}),
-        status: JobStatus::Running,
-        created_at: now(),
-        created_by: "conformance".into(),
-        version: 0,
-    };
+    let job = job_record(acme.id, now());
     store.create_job(&job).await.unwrap();
     for h in [&host, &keep] {
         store
@@ -2282,27 +2287,11 @@ pub async fn jobs_listed_per_org_newest_first(store: &dyn Store) {
     let base = now();
     let mut made = Vec::new();
     for i in 0..5 {
-        let job = Job {
-            id: JobId::random(),
-            org: acme.id,
-            spec: serde_json::json!({"n": i}),
-            status: JobStatus::Running,
-            created_at: base + Duration::seconds(i),
-            created_by: "alice".into(),
-            version: 0,
-        };
+        let job = job_record(acme.id, base + Duration::seconds(i));
         store.create_job(&job).await.unwrap();
         made.push(job.id);
     }
-    let theirs = Job {
-        id: JobId::random(),
-        org: other.id,
-        spec: serde_json::json!({}),
-        status: JobStatus::Running,
-        created_at: base + Duration::seconds(10),
-        created_by: "bob".into(),
-        version: 0,
-    };
+    let theirs = job_record(other.id, base + Duration::seconds(10));
     store.create_job(&theirs).await.unwrap();
     let listed = walk_all(2, |p| async move { store.list_jobs(acme.id, &p).await }).await;
     let ids: Vec<JobId> = listed.iter().map(|j| j.id).collect();
@@ -2328,15 +2317,7 @@ pub async fn jobs_listed_per_org_newest_first(store: &dyn Store) {
 /// status update moves that result and the job's counts with it.
 pub async fn job_changes_keep_results_and_counts(store: &dyn Store) {
     let (acme, prod) = acme(store).await;
-    let job = Job {
-        id: JobId::random(),
-        org: acme.id,
-        spec: serde_json::json!({"op": "ping"}),
-        status: JobStatus::Running,
-        created_at: now(),
-        created_by: "alice".into(),
-        version: 0,
-    };
+    let job = job_record(acme.id, now());
     store.create_job(&job).await.unwrap();
     assert_eq!(
         store.job_counts(job.id).await.unwrap(),

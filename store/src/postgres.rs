@@ -1190,17 +1190,7 @@ impl Store for PgStore {
         org: OrgId,
         page: &Page,
     ) -> Result<Paged<EnrollmentToken>> {
-        let (limit, cursor) = page_args(page, Some(24))?;
-        let before = cursor
-            .map(|c| {
-                let mut at = [0u8; 8];
-                at.copy_from_slice(&c[..8]);
-                Uuid::from_slice(&c[8..])
-                    .map(|id| (i64::from_be_bytes(at), id))
-                    .map_err(|_| bad_cursor(page))
-            })
-            .transpose()?;
-        let (before_at, before_id) = (before.map(|b| b.0), before.map(|b| b.1));
+        let (limit, before_at, before_id) = time_id_cursor(page)?;
         let rows = self
             .all(
                 "SELECT doc, uses, revoked FROM enroll_tokens
@@ -1214,9 +1204,7 @@ impl Store for PgStore {
             .map(enrollment_token)
             .collect::<Result<Vec<_>>>()?;
         Ok(paged(tokens, limit, |t: &EnrollmentToken| {
-            let mut key = t.created_at.timestamp_micros().to_be_bytes().to_vec();
-            key.extend_from_slice(t.id.0.as_bytes());
-            key
+            time_id_key(t.created_at, t.id.0)
         }))
     }
 
@@ -1691,17 +1679,7 @@ impl Store for PgStore {
     }
 
     async fn list_jobs(&self, org: OrgId, page: &Page) -> Result<Paged<Job>> {
-        let (limit, cursor) = page_args(page, Some(24))?;
-        let before = cursor
-            .map(|c| {
-                let mut at = [0u8; 8];
-                at.copy_from_slice(&c[..8]);
-                Uuid::from_slice(&c[8..])
-                    .map(|id| (i64::from_be_bytes(at), id))
-                    .map_err(|_| bad_cursor(page))
-            })
-            .transpose()?;
-        let (before_at, before_id) = (before.map(|b| b.0), before.map(|b| b.1));
+        let (limit, before_at, before_id) = time_id_cursor(page)?;
         let rows = self
             .all(
                 "SELECT doc FROM jobs
@@ -1711,9 +1689,7 @@ impl Store for PgStore {
             )
             .await?;
         Ok(paged(docs("job", &rows)?, limit, |j: &Job| {
-            let mut key = j.created_at.timestamp_micros().to_be_bytes().to_vec();
-            key.extend_from_slice(j.id.0.as_bytes());
-            key
+            time_id_key(j.created_at, j.id.0)
         }))
     }
 
@@ -1788,6 +1764,30 @@ impl Store for PgStore {
             r.host.0.as_bytes().to_vec()
         }))
     }
+}
+
+// --- newest-first listings ---------------------------------------------------------------------
+
+/// The page size and the `(created_us, id)` to list before, of a newest-first listing's page.
+fn time_id_cursor(page: &Page) -> Result<(i64, Option<i64>, Option<Uuid>)> {
+    let (limit, cursor) = page_args(page, Some(24))?;
+    let before = cursor
+        .map(|c| {
+            let mut at = [0u8; 8];
+            at.copy_from_slice(&c[..8]);
+            Uuid::from_slice(&c[8..])
+                .map(|id| (i64::from_be_bytes(at), id))
+                .map_err(|_| bad_cursor(page))
+        })
+        .transpose()?;
+    Ok((limit, before.map(|b| b.0), before.map(|b| b.1)))
+}
+
+/// The cursor of a newest-first listing's item: its creation time and id.
+fn time_id_key(created_at: DateTime<Utc>, id: Uuid) -> Vec<u8> {
+    let mut key = created_at.timestamp_micros().to_be_bytes().to_vec();
+    key.extend_from_slice(id.as_bytes());
+    key
 }
 
 // --- job results -----------------------------------------------------------------------------

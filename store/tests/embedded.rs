@@ -248,15 +248,7 @@ async fn a_version_1_file_gets_its_jobs_listed_on_open() {
     let path = dir.path().join("store.redb");
     let store = EmbeddedStore::open(&path).unwrap();
     let (host, ..) = populate(&store).await;
-    let job = comodit_store::Job {
-        id: comodit_store::JobId::random(),
-        org: host.org,
-        spec: serde_json::json!({}),
-        status: comodit_store::JobStatus::Running,
-        created_at: chrono::Utc::now(),
-        created_by: "alice".into(),
-        version: 0,
-    };
+    let job = conformance::job_record(host.org, chrono::Utc::now());
     store.create_job(&job).await.unwrap();
     drop(store);
     // As a file written before the index: no `jobs_by_org`, schema version 1.

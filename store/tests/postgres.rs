@@ -128,15 +128,7 @@ async fn a_database_at_an_older_version_is_migrated_with_its_data() {
     let (url, _db) = comodit_testkit::fresh_pg_database();
     let first = PgStore::connect(&url, 2).await.unwrap();
     let host = one_host(&first).await;
-    let job = comodit_store::Job {
-        id: comodit_store::JobId::random(),
-        org: host.org,
-        spec: serde_json::json!({}),
-        status: comodit_store::JobStatus::Running,
-        created_at: chrono::Utc::now(),
-        created_by: "alice".into(),
-        version: 0,
-    };
+    let job = conformance::job_record(host.org, chrono::Utc::now());
     first.create_job(&job).await.unwrap();
     drop(first);
     // Back to version 1, as a database made before the idempotency keys and the jobs' listing.
