@@ -96,6 +96,16 @@ impl Wave {
         }
     }
 
+    /// The wave ends at its last answer; `otherwise` (the time spent) when none came.
+    pub fn end_at_last_answer(&mut self, otherwise: Duration) {
+        self.elapsed = self
+            .points
+            .iter()
+            .map(|p| Duration::from_secs_f64(p.0))
+            .max()
+            .unwrap_or(otherwise);
+    }
+
     /// Answers per second over the whole wave.
     pub fn throughput(&self) -> f64 {
         let s = self.elapsed.as_secs_f64();

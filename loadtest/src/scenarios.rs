@@ -1018,12 +1018,7 @@ pub async fn api_wave(
             }
         }
     }
-    wave.elapsed = wave
-        .points
-        .iter()
-        .map(|p| Duration::from_secs_f64(p.0))
-        .max()
-        .unwrap_or(start.elapsed());
+    wave.end_at_last_answer(start.elapsed());
     Ok((wave, resent.load(Ordering::Relaxed)))
 }
 
@@ -1119,12 +1114,7 @@ pub async fn job_wave(
             None => break,
         }
     }
-    wave.elapsed = wave
-        .points
-        .iter()
-        .map(|p| Duration::from_secs_f64(p.0))
-        .max()
-        .unwrap_or(start.elapsed());
+    wave.end_at_last_answer(start.elapsed());
     Ok(wave)
 }
 
