@@ -387,14 +387,13 @@ async fn release(
     };
     let mut ids: Vec<HostId> = hosts.iter().map(|h| h.id).collect();
     // A paced job records its first `max_concurrency` hosts now, the rest as they answer.
-    let rest = match spec_max(&job) {
-        Some(max) if (max as usize) < ids.len() => ids.split_off(max as usize),
-        _ => Vec::new(),
-    };
+    let paced = spec_of(&job)
+        .max_concurrency
+        .filter(|&max| (max as usize) < ids.len());
+    let rest = paced.map_or_else(Vec::new, |max| ids.split_off(max as usize));
     let recorded = ids.len() as u64;
     let (skipped, skipped_count) = record_changes(app, job.id, &command, &opts, ids).await?;
-    if !rest.is_empty() {
-        let max = spec_max(&job).unwrap_or(u64::MAX);
+    if let Some(max) = paced {
         tokio::spawn(pace(app.clone(), job.id, command, opts, rest, max));
     }
     tracing::info!(job = %job.id, hosts = hosts.len(), recorded, skipped = skipped_count,
@@ -408,10 +407,6 @@ async fn release(
         resp.headers_mut().insert(header::LOCATION, v);
     }
     Ok(resp)
-}
-
-fn spec_max(job: &Job) -> Option<u64> {
-    spec_of(job).max_concurrency
 }
 
 /// Records the job's change for each of `hosts`, 256 at a time; answers with the hosts for which
