@@ -213,6 +213,7 @@ pub async fn enroll(
             connection_name: "comodit-agent enroll".into(),
             backoff_min_ms: 200,
             backoff_max_ms: 5_000,
+            ..BusConfig::default()
         },
         bus_stop,
     );

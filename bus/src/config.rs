@@ -20,6 +20,9 @@ pub struct BusConfig {
     /// Reconnect backoff floor and cap (see [`crate::backoff`]).
     pub backoff_min_ms: u64,
     pub backoff_max_ms: u64,
+    /// Publishes waiting for their confirm at once, each on a channel of its own (1 to
+    /// [`PUBLISHES_IN_FLIGHT_LIMIT`](crate::PUBLISHES_IN_FLIGHT_LIMIT)); more wait for a slot.
+    pub max_publishes_in_flight: usize,
 }
 
 impl Default for BusConfig {
@@ -30,6 +33,7 @@ impl Default for BusConfig {
             connection_name: "comodit".into(),
             backoff_min_ms: 100,
             backoff_max_ms: 10_000,
+            max_publishes_in_flight: crate::MAX_PUBLISHES_IN_FLIGHT,
         }
     }
 }
@@ -42,6 +46,7 @@ impl fmt::Debug for BusConfig {
             .field("connection_name", &self.connection_name)
             .field("backoff_min_ms", &self.backoff_min_ms)
             .field("backoff_max_ms", &self.backoff_max_ms)
+            .field("max_publishes_in_flight", &self.max_publishes_in_flight)
             .finish()
     }
 }
@@ -50,6 +55,12 @@ impl BusConfig {
     /// Checks the settings without connecting, so a binary can refuse a bad configuration at
     /// start-up instead of retrying forever.
     pub fn validate(&self) -> Result<(), BusError> {
+        if !(1..=crate::PUBLISHES_IN_FLIGHT_LIMIT).contains(&self.max_publishes_in_flight) {
+            return Err(BusError::invalid(
+                "max_publishes_in_flight",
+                format!("must be 1..={}", crate::PUBLISHES_IN_FLIGHT_LIMIT),
+            ));
+        }
         self.amqp_uri().map(|_| ())
     }
 
@@ -169,5 +180,27 @@ mod tests {
         let err = config.validate().unwrap_err();
         assert!(matches!(err, BusError::Invalid { field: "url", .. }));
         assert!(!err.to_string().contains("topsecret"), "{err}");
+    }
+
+    #[test]
+    fn publishes_in_flight_is_bounded() {
+        assert!(BusConfig::default().validate().is_ok());
+        for n in [0, crate::PUBLISHES_IN_FLIGHT_LIMIT + 1] {
+            let config = BusConfig {
+                max_publishes_in_flight: n,
+                ..BusConfig::default()
+            };
+            let err = config.validate().unwrap_err();
+            assert!(
+                matches!(
+                    err,
+                    BusError::Invalid {
+                        field: "max_publishes_in_flight",
+                        ..
+                    }
+                ),
+                "{n}: {err}"
+            );
+        }
     }
 }

@@ -49,7 +49,9 @@ pub mod backoff;
 pub mod topology;
 
 pub use config::{redact_url, BusConfig};
-pub use connection::{Bus, MAX_PUBLISHES_IN_FLIGHT};
+pub use connection::{
+    Bus, MAX_PUBLISHES_IN_FLIGHT, NODE_PUBLISHES_IN_FLIGHT, PUBLISHES_IN_FLIGHT_LIMIT,
+};
 pub use consume::{ConsumeOptions, Consumer, Delivery};
 pub use error::BusError;
 pub use publish::{OutMessage, RpcReply, DIRECT_REPLY_TO};

@@ -3,7 +3,7 @@
 //! Every publish waits for the broker's confirm on a channel it holds alone for that time, so
 //! each outcome is exact: ack (stored or delivered), nack, returned (mandatory and unroutable),
 //! channel closed by the broker because of this very message (refused), or connection lost in
-//! between (unknown). At most [`MAX_PUBLISHES_IN_FLIGHT`](crate::MAX_PUBLISHES_IN_FLIGHT)
+//! between (unknown). At most [`BusConfig::max_publishes_in_flight`](crate::BusConfig)
 //! publishes are in flight; more wait for a slot, and none is queued while disconnected.
 
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};

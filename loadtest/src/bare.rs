@@ -40,6 +40,8 @@ pub struct BareOptions {
     pub hosts: usize,
     pub n_shards: u32,
     pub hosts_per_conn: usize,
+    /// The driver's publishes in flight (the node's bound).
+    pub publishes_in_flight: usize,
     /// The command each host gets.
     pub body: Body,
     pub deadline: Duration,
@@ -90,6 +92,7 @@ async fn run_on(
         BusConfig {
             url: broker.admin_url(),
             connection_name: format!("comodit-loadtest bare driver {prefix}"),
+            max_publishes_in_flight: opts.publishes_in_flight,
             ..BusConfig::default()
         },
         stop.clone(),
@@ -303,6 +306,7 @@ async fn unicast(
     }
     drop(tx);
     let exchange = names.down_exchange();
+    let in_flight = bus.config().max_publishes_in_flight;
     let meter = CpuMeter::start(&[]);
     let start = Instant::now();
     let (stx, mut srx) = tokio::sync::mpsc::unbounded_channel();
@@ -319,7 +323,7 @@ async fn unicast(
                         let _ = stx.send((c.host, at, r.is_ok()));
                     }
                 })
-                .buffer_unordered(comodit_bus::MAX_PUBLISHES_IN_FLIGHT)
+                .buffer_unordered(in_flight)
                 .collect::<Vec<()>>()
                 .await;
         })

@@ -302,6 +302,7 @@ impl Fleet {
                 connection_name: format!("comodit-loadtest fleet {n}"),
                 backoff_min_ms: 200,
                 backoff_max_ms: 5_000,
+                ..BusConfig::default()
             },
             self.shutdown.clone(),
         );

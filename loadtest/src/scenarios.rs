@@ -67,6 +67,11 @@ pub struct Common {
     /// Shards of the node (and of the bare topology).
     #[arg(long, default_value_t = 32)]
     pub n_shards: u32,
+    /// Publishes in flight on the node's connection, and on the bare driver's (the same bound on
+    /// both, so the ratio compares like with like; ARCHITECTURE §28).
+    #[arg(long, default_value_t = comodit_bus::NODE_PUBLISHES_IN_FLIGHT as u16,
+        value_parser = clap::value_parser!(u16).range(1..=1024))]
+    pub publishes_in_flight: u16,
     /// Simulated hosts per AMQP connection (with the shared fleet user).
     #[arg(long, default_value_t = 500)]
     pub hosts_per_conn: usize,
@@ -150,6 +155,7 @@ impl Ctx {
         let mut params = params;
         params["common"] = json!({
             "hosts": c.hosts, "n_shards": c.n_shards, "hosts_per_conn": c.hosts_per_conn,
+            "publishes_in_flight": c.publishes_in_flight,
             "own_credentials": c.own_credentials, "enroll_rate": c.enroll_rate,
             "enroll_concurrency": c.enroll_concurrency, "heartbeat_s": c.heartbeat_s,
             "fail_fraction": c.fail_fraction, "slow_fraction": c.slow_fraction, "slow_ms": c.slow_ms,
@@ -183,7 +189,10 @@ impl Ctx {
             },
             command_timeout_s: 60,
             log: self.c.node_log.clone(),
-            env: Vec::new(),
+            env: vec![(
+                "COMODIT_PUBLISHES_IN_FLIGHT".into(),
+                self.c.publishes_in_flight.to_string(),
+            )],
             cpus: self.c.node_cpus.clone(),
         })
     }
@@ -416,6 +425,7 @@ async fn bare_phase(
             hosts: ctx.c.hosts,
             n_shards: ctx.c.n_shards,
             hosts_per_conn: ctx.c.hosts_per_conn,
+            publishes_in_flight: usize::from(ctx.c.publishes_in_flight),
             body,
             deadline: Duration::from_secs(ctx.c.deadline_s.min(1800)),
             broadcast,

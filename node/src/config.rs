@@ -35,6 +35,8 @@ pub struct NodeConfig {
     pub offline_after_missed: u32,
     /// Deliveries in flight per shard queue.
     pub prefetch: u16,
+    /// Commands waiting for the broker's confirm at once (one channel each).
+    pub publishes_in_flight: usize,
     /// Threads the host actors are spread over (actix arbiters).
     pub arbiters: usize,
     /// Threads of the async runtime (API, store calls, broker I/O); unset: one per core.
@@ -92,6 +94,7 @@ impl Default for NodeConfig {
             heartbeat_s: 300,
             offline_after_missed: 3,
             prefetch: 256,
+            publishes_in_flight: comodit_bus::NODE_PUBLISHES_IN_FLIGHT,
             arbiters: 2,
             worker_threads: None,
             log_format: "text".into(),
@@ -140,6 +143,8 @@ pub struct Overrides {
     pub offline_after_missed: Option<u32>,
     #[arg(long, env = "COMODIT_PREFETCH")]
     pub prefetch: Option<u16>,
+    #[arg(long, env = "COMODIT_PUBLISHES_IN_FLIGHT")]
+    pub publishes_in_flight: Option<usize>,
     #[arg(long, env = "COMODIT_ARBITERS")]
     pub arbiters: Option<usize>,
     #[arg(long, env = "COMODIT_WORKER_THREADS")]
@@ -208,6 +213,7 @@ impl NodeConfig {
             heartbeat_s,
             offline_after_missed,
             prefetch,
+            publishes_in_flight,
             arbiters,
             log_format,
             log,
@@ -256,6 +262,9 @@ impl NodeConfig {
         }
         if self.prefetch == 0 {
             return invalid("prefetch", "must be positive");
+        }
+        if !(1..=comodit_bus::PUBLISHES_IN_FLIGHT_LIMIT).contains(&self.publishes_in_flight) {
+            return invalid("publishes_in_flight", "must be 1..=1024");
         }
         if !(1..=64).contains(&self.arbiters) {
             return invalid("arbiters", "must be 1..=64");
@@ -427,6 +436,30 @@ mod tests {
             .unwrap_err()
             .to_string();
             assert!(err.contains(field), "{field}: {err}");
+        }
+    }
+
+    #[test]
+    fn publishes_in_flight_is_bounded() {
+        let cfg = NodeConfig::load(
+            None,
+            &Overrides {
+                publishes_in_flight: Some(512),
+                ..Default::default()
+            },
+        )
+        .unwrap();
+        assert_eq!(cfg.publishes_in_flight, 512);
+        assert_eq!(NodeConfig::default().publishes_in_flight, 256);
+        for n in [0, 1025] {
+            let err = NodeConfig {
+                publishes_in_flight: n,
+                ..Default::default()
+            }
+            .validate()
+            .unwrap_err()
+            .to_string();
+            assert!(err.contains("publishes_in_flight"), "{n}: {err}");
         }
     }
 

@@ -219,6 +219,7 @@ pub async fn run(
         BusConfig {
             url: config.broker_url.clone(),
             connection_name: "comodit-node".into(),
+            max_publishes_in_flight: config.publishes_in_flight,
             ..BusConfig::default()
         },
         bus_stop.clone(),
