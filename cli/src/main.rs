@@ -211,6 +211,8 @@ enum Jobs {
         org: String,
         #[command(flatten)]
         target: JobTarget,
+        #[command(flatten)]
+        rate: JobRate,
         #[arg(long, default_value_t = 60)]
         timeout_s: u64,
         #[arg(last = true, required = true)]
@@ -223,6 +225,8 @@ enum Jobs {
         command: String,
         #[command(flatten)]
         target: JobTarget,
+        #[command(flatten)]
+        rate: JobRate,
     },
     /// The organization's jobs, newest first.
     List {
@@ -269,6 +273,31 @@ impl JobTarget {
             t.insert("hosts".into(), json!(self.hosts));
         }
         Value::Object(t)
+    }
+}
+
+/// How fast a job goes out, and when it stops.
+#[derive(clap::Args)]
+struct JobRate {
+    /// At most this many hosts with the command pending at once; the rest follow as hosts answer.
+    #[arg(long)]
+    max_concurrency: Option<u64>,
+    /// Stop once more than this many hosts failed: no more hosts get the command.
+    #[arg(long)]
+    max_errors: Option<u64>,
+}
+
+impl JobRate {
+    /// The job request: target, command and whichever limits are set.
+    fn request(&self, target: &JobTarget, command: Value) -> Value {
+        let mut r = json!({"target": target.json(), "command": command});
+        if let Some(n) = self.max_concurrency {
+            r["max_concurrency"] = json!(n);
+        }
+        if let Some(n) = self.max_errors {
+            r["max_errors"] = json!(n);
+        }
+        r
     }
 }
 
@@ -581,24 +610,26 @@ fn run(cli: Cli) -> anyhow::Result<Option<Value>> {
         Verb::Jobs(Jobs::Run {
             org,
             target,
+            rate,
             timeout_s,
             argv,
         }) => api.call(
             "POST",
             &format!("/orgs/{}/jobs", enc(&org)),
-            Some(json!({
-                "target": target.json(),
-                "command": {"run": {"argv": argv, "timeout_s": timeout_s}},
-            })),
+            Some(rate.request(
+                &target,
+                json!({"run": {"argv": argv, "timeout_s": timeout_s}}),
+            )),
         )?,
         Verb::Jobs(Jobs::Send {
             org,
             command,
             target,
+            rate,
         }) => api.call(
             "POST",
             &format!("/orgs/{}/jobs", enc(&org)),
-            Some(json!({"target": target.json(), "command": command})),
+            Some(rate.request(&target, json!(command))),
         )?,
         Verb::Jobs(Jobs::List { org, cursor }) => api.call(
             "GET",

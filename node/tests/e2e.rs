@@ -302,6 +302,10 @@ fn the_cli_drives_the_api() {
         "default",
         "--label",
         "rack=r12",
+        "--max-concurrency",
+        "1",
+        "--max-errors",
+        "0",
         "--",
         "sh",
         "-c",
@@ -309,6 +313,11 @@ fn the_cli_drives_the_api() {
     ]);
     assert_eq!(code, Some(0), "{err}");
     assert_eq!(job["hosts"], 1, "{job}");
+    assert_eq!(
+        (&job["max_concurrency"], &job["max_errors"]),
+        (&json!(1), &json!(0)),
+        "{job}"
+    );
     let id = job["id"].as_str().unwrap().to_owned();
     let done = node.wait_for("the job done", || {
         let (_, now, _) = cli(&["jobs", "get", "default", &id]);

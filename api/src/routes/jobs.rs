@@ -119,6 +119,10 @@ pub struct CreateJob {
     /// once: the rest are released as hosts answer (or their changes expire). Absent: every
     /// host at once.
     pub max_concurrency: Option<u64>,
+    /// Stop once more than this many hosts failed (or let their change expire): the job is
+    /// `failed`, its changes still queued are cancelled and no more hosts get the command (SSM's
+    /// MaxErrors; 0 stops at the first error). Absent: every host gets it whatever the errors.
+    pub max_errors: Option<u64>,
 }
 
 /// What is stored as the job's `spec`.
@@ -132,6 +136,8 @@ struct JobSpec {
     hosts: u64,
     #[serde(default)]
     max_concurrency: Option<u64>,
+    #[serde(default)]
+    max_errors: Option<u64>,
 }
 
 /// How many of a job's hosts are where.
@@ -173,8 +179,8 @@ pub struct JobView {
     /// The environment the job was limited to, if any.
     pub env: Option<Uuid>,
     /// `running` while a host waits for its outcome (or not every host's change is recorded
-    /// yet); then `done` (every host applied it), `failed` (at least one failed or expired) or
-    /// `cancelled`.
+    /// yet); then `done` (every host applied it), `failed` (at least one failed or expired; at
+    /// once when more than `max_errors` did, the job then stopped) or `cancelled`.
     #[schema(example = "running")]
     pub status: String,
     #[schema(value_type = Object)]
@@ -186,6 +192,8 @@ pub struct JobView {
     pub hosts: u64,
     /// At most this many hosts pending at once (absent: all at once).
     pub max_concurrency: Option<u64>,
+    /// The job stops once more than this many hosts failed (absent: never).
+    pub max_errors: Option<u64>,
     /// Hosts with a recorded change, by status (`queued` … `cancelled`; a change answered within
     /// 2 s goes from `queued` straight to its outcome).
     pub counts: JobCountsView,
@@ -310,6 +318,16 @@ async fn release(
         ))
         .field("max_concurrency"));
     }
+    if body
+        .max_errors
+        .is_some_and(|n| n > limits.max_job_hosts as u64)
+    {
+        return Err(ApiError::unprocessable(format!(
+            "max_errors must be 0..={}",
+            limits.max_job_hosts
+        ))
+        .field("max_errors"));
+    }
     let env = match (&body.target.env, route_env) {
         (Some(e), route) => {
             let found = find_env(store.as_ref(), &org, e)
@@ -354,6 +372,7 @@ async fn release(
         ttl_s,
         hosts: hosts.len() as u64,
         max_concurrency: body.max_concurrency,
+        max_errors: body.max_errors,
     };
     let spec =
         serde_json::to_value(&spec).map_err(|e| ApiError::internal(format!("job spec: {e}")))?;
@@ -376,6 +395,10 @@ async fn release(
             .ok_or_else(|| ApiError::conflict(format!("job {id} is being created")))?,
         Err(e) => return Err(e.into()),
     };
+    if is_stopped(&job) {
+        // A retry of a job cancelled or stopped since: nothing more is recorded.
+        return Ok(accepted(org.id, view(app, job).await?));
+    }
 
     let started = std::time::Instant::now();
     let opts = SubmitOptions {
@@ -387,26 +410,42 @@ async fn release(
     };
     let mut ids: Vec<HostId> = hosts.iter().map(|h| h.id).collect();
     // A paced job records its first `max_concurrency` hosts now, the rest as they answer.
-    let paced = spec_of(&job)
+    let spec = spec_of(&job);
+    let pacing = Pacing {
+        max_concurrency: spec
+            .max_concurrency
+            .filter(|&max| (max as usize) < ids.len()),
+        max_errors: spec.max_errors,
+    };
+    let rest = pacing
         .max_concurrency
-        .filter(|&max| (max as usize) < ids.len());
-    let rest = paced.map_or_else(Vec::new, |max| ids.split_off(max as usize));
+        .map_or_else(Vec::new, |max| ids.split_off(max as usize));
     let recorded = ids.len() as u64;
     let (skipped, skipped_count) = record_changes(app, job.id, &command, &opts, ids).await?;
-    if let Some(max) = paced {
-        tokio::spawn(pace(app.clone(), job.id, command, opts, rest, max));
+    if pacing.max_concurrency.is_some() || pacing.max_errors.is_some() {
+        tokio::spawn(pace(app.clone(), job.id, command, opts, rest, pacing));
     }
     tracing::info!(job = %job.id, hosts = hosts.len(), recorded, skipped = skipped_count,
         elapsed_ms = started.elapsed().as_millis() as u64, "job released");
     let mut view = view(app, job).await?;
     view.skipped = skipped;
     view.skipped_count = skipped_count;
-    let location = job_location(org.id, JobId(view.id));
+    Ok(accepted(org.id, view))
+}
+
+/// `202 Accepted` with the job and its `Location`.
+fn accepted(org: OrgId, view: JobView) -> Response {
+    let location = job_location(org, JobId(view.id));
     let mut resp = (StatusCode::ACCEPTED, Json(view)).into_response();
     if let Ok(v) = HeaderValue::from_str(&location) {
         resp.headers_mut().insert(header::LOCATION, v);
     }
-    Ok(resp)
+    resp
+}
+
+/// Cancelled, or stopped after `max_errors`: no more of its hosts get the command.
+fn is_stopped(job: &Job) -> bool {
+    matches!(job.status, JobStatus::Cancelled | JobStatus::Failed)
 }
 
 /// Records the job's change for each of `hosts`, 256 at a time; answers with the hosts for which
@@ -453,10 +492,22 @@ async fn record_changes(
 
 /// How often a paced job looks at its counts to release more hosts.
 const PACE_POLL: Duration = Duration::from_millis(200);
+/// How often a job with `max_errors` and no host left to release looks at its errors.
+const WATCH_POLL: Duration = Duration::from_secs(1);
 
-/// Releases the rest of a paced job as its hosts finish: at most `max` of its changes pending at
-/// once. Runs on the node that created the job, until every host has its change, the job is
-/// cancelled or the node stops. If the node dies first, the job shows fewer changes than hosts
+/// What the task following a job enforces.
+struct Pacing {
+    /// At most this many of its changes pending at once (hosts beyond it are released later).
+    max_concurrency: Option<u64>,
+    /// Stop the job once more hosts than this failed or expired.
+    max_errors: Option<u64>,
+}
+
+/// Follows a job that is paced or has `max_errors`: releases the rest of its hosts as others
+/// finish (at most `max_concurrency` of its changes pending at once), and stops it once more than
+/// `max_errors` hosts failed. Runs on the node that created the job, until every host has its
+/// change (and, with `max_errors`, every change its outcome), the job is cancelled or stopped,
+/// or the node stops. If the node dies first, a paced job shows fewer changes than hosts
 /// (`running`); the request retried with its `Idempotency-Key` picks up where it stopped.
 async fn pace(
     app: Arc<Shared>,
@@ -464,31 +515,50 @@ async fn pace(
     command: Body,
     opts: SubmitOptions,
     rest: Vec<HostId>,
-    max: u64,
+    pacing: Pacing,
 ) {
     let store = app.state.store.clone();
-    let cancelled = |j: &Option<Job>| j.as_ref().is_none_or(|j| j.status == JobStatus::Cancelled);
+    let stopped = |j: &Option<Job>| j.as_ref().is_none_or(is_stopped);
     let mut rest = rest.into_iter().peekable();
-    while rest.peek().is_some() {
-        tokio::time::sleep(PACE_POLL).await;
+    loop {
+        let releasing = rest.peek().is_some();
+        if !releasing && pacing.max_errors.is_none() {
+            tracing::info!(job = %job, "paced job: every host released");
+            return;
+        }
+        tokio::time::sleep(if releasing { PACE_POLL } else { WATCH_POLL }).await;
         // Counts first: a cancel between the two reads is then seen here.
         let counts = store.job_counts(job).await;
         let (now, counts) = match (store.get_job(job).await, counts) {
             (Ok(now), Ok(counts)) => (now, counts),
             (Err(e), _) | (_, Err(e)) => {
-                tracing::warn!(job = %job, error = %e, "paced job: cannot read its state");
+                tracing::warn!(job = %job, error = %e, "job: cannot read its state");
                 continue;
             }
         };
-        if cancelled(&now) {
-            tracing::info!(job = %job, left = rest.len(), "paced job cancelled: releasing no more");
+        if stopped(&now) {
+            tracing::info!(job = %job, left = rest.len(), "job cancelled or stopped: releasing no more");
             return;
         }
-        let room = max.saturating_sub(counts.pending()) as usize;
+        let errors = counts.failed + counts.expired;
+        if let (Some(max), Some(current)) = (pacing.max_errors, &now) {
+            if errors > max && stop_failed(&app, current, errors, rest.len()).await {
+                return;
+            }
+        }
+        if !releasing {
+            if counts.pending() == 0 {
+                return;
+            }
+            continue;
+        }
+        let room = pacing
+            .max_concurrency
+            .map_or(u64::MAX, |max| max.saturating_sub(counts.pending()));
         if room == 0 {
             continue;
         }
-        let next: Vec<HostId> = rest.by_ref().take(room).collect();
+        let next: Vec<HostId> = rest.by_ref().take(room as usize).collect();
         let released = next.clone();
         match record_changes(&app, job, &command, &opts, next).await {
             Ok((_, 0)) => {}
@@ -500,15 +570,40 @@ async fn pace(
                 return;
             }
         }
-        // A cancel that ran while this batch was recorded did not see it: cancel it too.
-        if store.get_job(job).await.is_ok_and(|j| cancelled(&j)) {
+        // A cancel or stop that ran while this batch was recorded did not see it: cancel it too.
+        if store.get_job(job).await.is_ok_and(|j| stopped(&j)) {
             for host in released {
                 let _ = app.state.ops.cancel(host, job_change_id(job, host)).await;
             }
             return;
         }
     }
-    tracing::info!(job = %job, "paced job: every host released");
+}
+
+/// Marks a job `failed` for having more than `max_errors` errors and cancels its queued changes.
+/// False if that could not be stored (tried again at the next look); true once the job is
+/// stopped, by this or by a cancel that came first.
+async fn stop_failed(app: &Shared, job: &Job, errors: u64, left: usize) -> bool {
+    match app
+        .state
+        .store
+        .update_job_status(job.id, JobStatus::Failed, job.version)
+        .await
+    {
+        Ok(_) => {}
+        // Changed meanwhile (cancelled): the next look sees it stopped.
+        Err(StoreError::VersionMismatch { .. }) => return false,
+        Err(e) => {
+            tracing::warn!(job = %job.id, error = %e, "job over max_errors: cannot stop it yet");
+            return false;
+        }
+    }
+    tracing::info!(job = %job.id, errors, left, "job stopped: more errors than max_errors");
+    metrics::counter!("comodit_api_jobs_stopped_total", "reason" => "max_errors").increment(1);
+    if let Err(e) = cancel_queued(app, job.id).await {
+        tracing::warn!(job = %job.id, error = %e.detail, "stopped job: queued changes not all cancelled");
+    }
+    true
 }
 
 /// Every host the filter matches, up to the node's limit.
@@ -624,6 +719,7 @@ fn spec_of(job: &Job) -> JobSpec {
         ttl_s: 0,
         hosts: 0,
         max_concurrency: None,
+        max_errors: None,
     })
 }
 
@@ -632,6 +728,9 @@ async fn view(app: &Shared, job: Job) -> Result<JobView, ApiError> {
     let spec = spec_of(&job);
     let status = if job.status == JobStatus::Cancelled {
         "cancelled"
+    } else if job.status == JobStatus::Failed {
+        // Stopped after `max_errors`.
+        "failed"
     } else if counts.pending() > 0 || counts.total() < spec.hosts {
         "running"
     } else if counts.failed + counts.expired > 0 {
@@ -651,6 +750,7 @@ async fn view(app: &Shared, job: Job) -> Result<JobView, ApiError> {
         ttl_s: spec.ttl_s,
         hosts: spec.hosts,
         max_concurrency: spec.max_concurrency,
+        max_errors: spec.max_errors,
         counts: counts.into(),
         created_at: job.created_at,
         created_by: job.created_by,
@@ -765,9 +865,15 @@ pub async fn cancel_job(
             Err(e) => return Err(e.into()),
         }
     };
+    cancel_queued(&app, job.id).await?;
+    Ok(Json(view(&app, job).await?))
+}
+
+/// Cancels every change of the job still queued (not yet sent); those sent finish.
+async fn cancel_queued(app: &Shared, job: JobId) -> Result<(), ApiError> {
     let mut page = Page::first(Page::MAX_LIMIT);
     loop {
-        let paged = store.list_job_results(job.id, &page).await?;
+        let paged = app.state.store.list_job_results(job, &page).await?;
         let queued: Vec<(HostId, ChangeId)> = paged
             .items
             .iter()
@@ -791,5 +897,5 @@ pub async fn cancel_job(
             None => break,
         }
     }
-    Ok(Json(view(&app, job).await?))
+    Ok(())
 }

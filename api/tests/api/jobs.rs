@@ -145,6 +145,10 @@ async fn a_bad_job_is_refused_and_records_nothing() {
             StatusCode::UNPROCESSABLE_ENTITY,
         ),
         (
+            json!({"command": "ping", "max_errors": 100_001}),
+            StatusCode::UNPROCESSABLE_ENTITY,
+        ),
+        (
             json!({"command": "ping", "surprise": 1}),
             StatusCode::UNPROCESSABLE_ENTITY,
         ),
@@ -520,4 +524,102 @@ async fn a_paced_job_releases_hosts_as_others_answer_and_stops_when_cancelled() 
     )
     .await;
     assert_eq!(r.status, StatusCode::UNPROCESSABLE_ENTITY);
+}
+
+/// Polls the job until `done` says so, for at most 10 s.
+async fn wait_job(app: &TestApp, id: &str, what: &str, done: impl Fn(&Value) -> bool) -> Value {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        let r = app.get(&format!("/api/v1/orgs/acme/jobs/{id}")).await;
+        if done(&r.json()) {
+            return r.json();
+        }
+        assert!(std::time::Instant::now() < deadline, "{what}: {}", r.text);
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test]
+async fn a_job_stops_once_more_hosts_failed_than_max_errors() {
+    let app = TestApp::new().await;
+    let (_org, prod, _web1) = app.fleet().await;
+    app.host(&prod, "web-2").await;
+    app.host(&prod, "web-3").await;
+    for _ in 0..6 {
+        app.ops.answer(Answer::Pending);
+    }
+    let keyed = || {
+        let mut req = request(
+            Method::POST,
+            "/api/v1/orgs/acme/jobs",
+            Some(&app.admin),
+            Some(json!({"command": "ping", "max_concurrency": 1, "max_errors": 0})),
+        );
+        req.headers_mut()
+            .insert("idempotency-key", HeaderValue::from_static("stop-1"));
+        req
+    };
+    let fail = |s: &crate::common::Submit| {
+        let (host, change) = (s.host, s.change_id.unwrap());
+        let store = app.store.clone();
+        async move {
+            store
+                .update_change(
+                    host,
+                    change,
+                    ChangeStatus::Failed,
+                    None,
+                    comodit_protocol::Epoch(1),
+                )
+                .await
+                .unwrap();
+        }
+    };
+
+    // Paced, one at a time: the first host fails, so the other two never get the command.
+    let r = app.send(keyed()).await;
+    assert_eq!(r.status, StatusCode::ACCEPTED, "{}", r.text);
+    assert_eq!(r.json()["max_errors"], 0, "{}", r.text);
+    let id = r.json()["id"].as_str().unwrap().to_owned();
+    fail(&app.ops.submits()[0]).await;
+    let job = wait_job(&app, &id, "the job stopped", |j| j["status"] == "failed").await;
+    assert_eq!(job["counts"]["failed"], 1, "{job}");
+    tokio::time::sleep(std::time::Duration::from_millis(600)).await;
+    assert_eq!(
+        app.ops.submits().len(),
+        1,
+        "no host released after the stop"
+    );
+    // Retried with its key after its answer was forgotten (as on a node that died mid-request):
+    // the stopped job is answered, and nothing more is recorded.
+    let later = chrono::Utc::now() + chrono::Duration::days(2);
+    app.store.purge_idempotency_keys(later).await.unwrap();
+    let r = app.send(keyed()).await;
+    assert_eq!(r.status, StatusCode::ACCEPTED, "{}", r.text);
+    assert_eq!(r.json()["id"], id.as_str());
+    assert_eq!(r.json()["status"], "failed", "{}", r.text);
+    tokio::time::sleep(std::time::Duration::from_millis(600)).await;
+    assert_eq!(app.ops.submits().len(), 1, "the retry released nothing");
+
+    // Not paced: all three are queued at once; once one fails, the two still queued are
+    // cancelled.
+    let r = post(
+        &app,
+        "/api/v1/orgs/acme/jobs",
+        &app.admin,
+        Some(json!({"command": "ping", "max_errors": 0})),
+    )
+    .await;
+    assert_eq!(r.status, StatusCode::ACCEPTED, "{}", r.text);
+    let id = r.json()["id"].as_str().unwrap().to_owned();
+    let queued = wait_job(&app, &id, "three queued", |j| j["counts"]["queued"] == 3).await;
+    assert_eq!(queued["status"], "running", "{queued}");
+    fail(&app.ops.submits()[1]).await;
+    let job = wait_job(&app, &id, "the queued ones cancelled", |j| {
+        j["counts"]["cancelled"] == 2
+    })
+    .await;
+    assert_eq!(job["status"], "failed", "{job}");
+    assert_eq!(job["counts"]["failed"], 1, "{job}");
+    assert_eq!(job["counts"]["queued"], 0, "{job}");
 }
