@@ -264,7 +264,10 @@ impl NodeConfig {
             return invalid("prefetch", "must be positive");
         }
         if !(1..=comodit_bus::PUBLISHES_IN_FLIGHT_LIMIT).contains(&self.publishes_in_flight) {
-            return invalid("publishes_in_flight", "must be 1..=1024");
+            return invalid(
+                "publishes_in_flight",
+                &format!("must be 1..={}", comodit_bus::PUBLISHES_IN_FLIGHT_LIMIT),
+            );
         }
         if !(1..=64).contains(&self.arbiters) {
             return invalid("arbiters", "must be 1..=64");

@@ -298,6 +298,12 @@ fn change_record(host: HostId, epoch: u64) -> Change {
 }
 
 /// A running job of `org`, created at `created_at`, for tests (the store sets its version).
+/// The ids of the organization's jobs on the first page, newest first (migration tests).
+pub async fn listed_job_ids(store: &dyn Store, org: OrgId) -> Vec<JobId> {
+    let listed = store.list_jobs(org, &Page::first(10)).await.unwrap();
+    listed.items.iter().map(|j| j.id).collect()
+}
+
 pub fn job_record(org: OrgId, created_at: DateTime<Utc>) -> Job {
     Job {
         id: JobId::random(),

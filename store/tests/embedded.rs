@@ -261,12 +261,8 @@ async fn a_version_1_file_gets_its_jobs_listed_on_open() {
     }
     set_schema_version(&path, 1);
     let store = EmbeddedStore::open(&path).unwrap();
-    let listed = store
-        .list_jobs(host.org, &comodit_store::Page::first(10))
-        .await
-        .unwrap();
     assert_eq!(
-        listed.items.iter().map(|j| j.id).collect::<Vec<_>>(),
+        conformance::listed_job_ids(&store, host.org).await,
         vec![job.id]
     );
     drop(store);

@@ -15,6 +15,33 @@ async fn post(app: &TestApp, uri: &str, token: &str, body: Option<Value>) -> Res
     app.call(Method::POST, uri, Some(token), body).await
 }
 
+/// The host of `submit` answers its change with `status` (written to the store as its actor would).
+async fn answer(app: &TestApp, submit: &crate::common::Submit, status: ChangeStatus) {
+    app.store
+        .update_change(
+            submit.host,
+            submit.change_id.unwrap(),
+            status,
+            None,
+            comodit_protocol::Epoch(1),
+        )
+        .await
+        .unwrap();
+}
+
+/// A job request with an `Idempotency-Key`.
+fn keyed_job(app: &TestApp, body: Value, key: &str) -> axum::http::Request<axum::body::Body> {
+    let mut req = request(
+        Method::POST,
+        "/api/v1/orgs/acme/jobs",
+        Some(&app.admin),
+        Some(body),
+    );
+    req.headers_mut()
+        .insert("idempotency-key", HeaderValue::from_str(key).unwrap());
+    req
+}
+
 /// Every change the store holds for `host`.
 async fn changes_of(app: &TestApp, host: comodit_protocol::HostId) -> Vec<comodit_store::Change> {
     app.store
@@ -350,17 +377,7 @@ async fn a_retried_job_finds_the_first_and_records_nothing_twice() {
     let app = TestApp::new().await;
     let (_org, prod, web1) = app.fleet().await;
     let web2 = app.host(&prod, "web-2").await;
-    let keyed = |key: &str| {
-        let mut req = request(
-            Method::POST,
-            "/api/v1/orgs/acme/jobs",
-            Some(&app.admin),
-            Some(json!({"command": run_uptime()})),
-        );
-        req.headers_mut()
-            .insert("idempotency-key", HeaderValue::from_str(key).unwrap());
-        req
-    };
+    let keyed = |key: &str| keyed_job(&app, json!({"command": run_uptime()}), key);
     let first = app.send(keyed("job-1")).await;
     assert_eq!(first.status, StatusCode::ACCEPTED, "{}", first.text);
     let second = app.send(keyed("job-1")).await;
@@ -461,31 +478,12 @@ async fn a_paced_job_releases_hosts_as_others_answer_and_stops_when_cancelled() 
     );
 
     // The first host answers: the next one is released.
-    let first = submits()[0].clone();
-    app.store
-        .update_change(
-            first.host,
-            first.change_id.unwrap(),
-            ChangeStatus::Applied,
-            None,
-            comodit_protocol::Epoch(1),
-        )
-        .await
-        .unwrap();
+    answer(&app, &submits()[0], ChangeStatus::Applied).await;
     // (The fake actors count a submit before its change is in the store: wait for the store.)
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
-    let job = loop {
-        let r = app.get(&format!("/api/v1/orgs/acme/jobs/{id}")).await;
-        if r.json()["counts"]["queued"] == 1 {
-            break r.json();
-        }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "the second host was not released: {}",
-            r.text
-        );
-        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-    };
+    let job = wait_job(&app, &id, "the second host was not released", |j| {
+        j["counts"]["queued"] == 1
+    })
+    .await;
     assert_eq!(submits().len(), 2);
     assert_eq!(job["counts"]["applied"], 1, "{job}");
     assert_eq!(job["status"], "running");
@@ -549,31 +547,11 @@ async fn a_job_stops_once_more_hosts_failed_than_max_errors() {
         app.ops.answer(Answer::Pending);
     }
     let keyed = || {
-        let mut req = request(
-            Method::POST,
-            "/api/v1/orgs/acme/jobs",
-            Some(&app.admin),
-            Some(json!({"command": "ping", "max_concurrency": 1, "max_errors": 0})),
-        );
-        req.headers_mut()
-            .insert("idempotency-key", HeaderValue::from_static("stop-1"));
-        req
-    };
-    let fail = |s: &crate::common::Submit| {
-        let (host, change) = (s.host, s.change_id.unwrap());
-        let store = app.store.clone();
-        async move {
-            store
-                .update_change(
-                    host,
-                    change,
-                    ChangeStatus::Failed,
-                    None,
-                    comodit_protocol::Epoch(1),
-                )
-                .await
-                .unwrap();
-        }
+        keyed_job(
+            &app,
+            json!({"command": "ping", "max_concurrency": 1, "max_errors": 0}),
+            "stop-1",
+        )
     };
 
     // Paced, one at a time: the first host fails, so the other two never get the command.
@@ -581,7 +559,7 @@ async fn a_job_stops_once_more_hosts_failed_than_max_errors() {
     assert_eq!(r.status, StatusCode::ACCEPTED, "{}", r.text);
     assert_eq!(r.json()["max_errors"], 0, "{}", r.text);
     let id = r.json()["id"].as_str().unwrap().to_owned();
-    fail(&app.ops.submits()[0]).await;
+    answer(&app, &app.ops.submits()[0], ChangeStatus::Failed).await;
     let job = wait_job(&app, &id, "the job stopped", |j| j["status"] == "failed").await;
     assert_eq!(job["counts"]["failed"], 1, "{job}");
     tokio::time::sleep(std::time::Duration::from_millis(600)).await;
@@ -614,7 +592,7 @@ async fn a_job_stops_once_more_hosts_failed_than_max_errors() {
     let id = r.json()["id"].as_str().unwrap().to_owned();
     let queued = wait_job(&app, &id, "three queued", |j| j["counts"]["queued"] == 3).await;
     assert_eq!(queued["status"], "running", "{queued}");
-    fail(&app.ops.submits()[1]).await;
+    answer(&app, &app.ops.submits()[1], ChangeStatus::Failed).await;
     let job = wait_job(&app, &id, "the queued ones cancelled", |j| {
         j["counts"]["cancelled"] == 2
     })
