@@ -7,6 +7,12 @@ use clap::Parser;
 use comodit_node::config::{NodeConfig, Overrides};
 use tokio_util::sync::CancellationToken;
 
+/// mimalloc instead of glibc's malloc: a 10,000-host job spent about 15 % of the node's CPU in
+/// glibc's `malloc`/`free` (buffers allocated on one thread and freed on another, arena
+/// consolidation); ARCHITECTURE §29.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[derive(Parser)]
 #[command(
     name = "comodit-node",
