@@ -9,6 +9,10 @@
 //! - **broadcast**: one command published once on a fanout exchange bound to every host queue,
 //!   fanned out by the broker, one reply each.
 //!
+//! The simulated hosts send routed heartbeats at the fleet scenario's period (`--heartbeat-s`),
+//! as they do with a node: at 50,000 hosts and 300 s that is 167 heartbeats a second into the
+//! shard queues, about a fifth of the wave's own messages, which the ceiling must carry as well.
+//!
 //! Nothing is written to a store, nothing is looked up: what is left is the broker, the client
 //! library and the fleet, on this machine. Every fleet figure is divided by these.
 
@@ -48,6 +52,9 @@ pub struct BareOptions {
     pub broadcast: bool,
     /// Unicast waves, one after the other on the same hosts (at least one).
     pub waves: usize,
+    /// Routed heartbeat period of the simulated hosts (0 = none): the fleet scenario's own, so
+    /// that the broker carries the same background of heartbeats under both.
+    pub heartbeat_s: u64,
 }
 
 pub struct BareResult {
@@ -55,6 +62,8 @@ pub struct BareResult {
     pub unicasts: Vec<Wave>,
     pub broadcast: Option<Wave>,
     pub setup: Duration,
+    /// Routed heartbeats the simulated hosts sent over the whole bare run.
+    pub heartbeats: u64,
 }
 
 impl BareResult {
@@ -141,7 +150,7 @@ async fn run_on(
                 password,
             },
             hosts_per_conn: opts.hosts_per_conn,
-            heartbeat_s: 0,
+            heartbeat_s: opts.heartbeat_s,
             amqp_heartbeat_s: 30,
             prefetch: 4,
             fail_fraction: 0.0,
@@ -209,12 +218,17 @@ async fn run_on(
             unicasts,
             broadcast,
             setup,
+            heartbeats: 0,
         })
     }
     .await;
+    let heartbeats = fleet
+        .counters
+        .heartbeats
+        .load(std::sync::atomic::Ordering::Relaxed);
     fleet.stop().await;
     stop.cancel();
-    r
+    r.map(|r| BareResult { heartbeats, ..r })
 }
 
 pub fn command(host: HostId, body: &Body) -> Command {

@@ -87,7 +87,8 @@ pub struct Common {
     /// (ARCHITECTURE §21), so fewer here means fewer hosts a minute.
     #[arg(long, default_value_t = 2048)]
     pub enroll_concurrency: usize,
-    /// Routed heartbeat period of the simulated hosts (0 = none; the agent's default is 300).
+    /// Routed heartbeat period of the simulated hosts (0 = none; the agent's default is 300), the
+    /// bare run's fleet included, so that the ceiling carries the same heartbeats.
     #[arg(long, default_value_t = 300)]
     pub heartbeat_s: u64,
     /// Fraction of commands the simulated hosts answer `failed`.
@@ -430,6 +431,7 @@ async fn bare_phase(
             deadline: Duration::from_secs(ctx.c.deadline_s.min(1800)),
             broadcast,
             waves: usize::from(ctx.c.waves),
+            heartbeat_s: ctx.c.heartbeat_s,
         },
         &ctx.shutdown,
     )
@@ -440,6 +442,12 @@ async fn bare_phase(
     if let Some(b) = &r.broadcast {
         ctx.report.waves.push(b.summary());
     }
+    ctx.report.phases.push(json!({
+        "phase": "bare",
+        "setup_s": r.setup.as_secs_f64(),
+        "heartbeat_s": ctx.c.heartbeat_s,
+        "heartbeats": r.heartbeats,
+    }));
     Ok(Some(r))
 }
 

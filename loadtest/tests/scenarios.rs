@@ -116,6 +116,15 @@ fn figure<'a>(r: &'a Value, name: &str) -> &'a Value {
         .unwrap_or_else(|| panic!("no figure {name:?} in {}", r["figures"]))
 }
 
+fn phase<'a>(r: &'a Value, name: &str) -> &'a Value {
+    r["phases"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|p| p["phase"] == name)
+        .unwrap_or_else(|| panic!("no phase {name:?} in {}", r["phases"]))
+}
+
 fn wave<'a>(r: &'a Value, name: &str) -> &'a Value {
     r["waves"]
         .as_array()
@@ -127,7 +136,8 @@ fn wave<'a>(r: &'a Value, name: &str) -> &'a Value {
 
 #[test]
 fn bare_counts_every_host_in_unicast_and_broadcast() {
-    let (r, _dir) = run(&["bare"]);
+    // Heartbeats every second: the bare fleet beats like the fleet scenarios' own.
+    let (r, _dir) = run(&["bare", "--heartbeat-s", "1"]);
     assert_eq!(r["counts"]["counted"], HOSTS);
     for name in ["bare_unicast", "bare_broadcast"] {
         let w = wave(&r, name);
@@ -138,6 +148,9 @@ fn bare_counts_every_host_in_unicast_and_broadcast() {
         );
     }
     assert!(figure(&r, "broadcast: time").get("ratio").is_some());
+    let bare = phase(&r, "bare");
+    assert_eq!(bare["heartbeat_s"], 1, "{bare}");
+    assert!(bare["heartbeats"].as_u64().unwrap() > 0, "{bare}");
 }
 
 #[test]
@@ -156,8 +169,8 @@ fn enroll_counts_every_host_at_the_node() {
         "no bare figure beside it: {f}"
     );
     // Paced at 400/s, 200 hosts cannot take less than half a second.
-    let phase = &r["phases"][0];
-    assert!(phase["elapsed_s"].as_f64().unwrap() >= 0.49, "{phase}");
+    let enroll = phase(&r, "enroll");
+    assert!(enroll["elapsed_s"].as_f64().unwrap() >= 0.49, "{enroll}");
 }
 
 #[test]
@@ -281,15 +294,8 @@ fn steady_measures_both_liveness_modes_over_the_whole_fleet() {
         c["node_host_actors"].as_f64().unwrap() >= HOSTS as f64,
         "{c}"
     );
-    let phases = r["phases"].as_array().unwrap();
-    let routed = phases
-        .iter()
-        .find(|p| p["phase"] == "routed heartbeats")
-        .unwrap();
-    let quiet = phases
-        .iter()
-        .find(|p| p["phase"] == "connection-level liveness only")
-        .unwrap();
+    let routed = phase(&r, "routed heartbeats");
+    let quiet = phase(&r, "connection-level liveness only");
     // 200 hosts beating every second (± 20 %): far more than nothing.
     assert!(
         routed["heartbeats_per_s"].as_f64().unwrap() > 50.0,
