@@ -11,7 +11,8 @@
 //!
 //! The simulated hosts send routed heartbeats at the fleet scenario's period (`--heartbeat-s`),
 //! as they do with a node: at 50,000 hosts and 300 s that is 167 heartbeats a second into the
-//! shard queues, about a fifth of the wave's own messages, which the ceiling must carry as well.
+//! shard queues (13–18 % as many as the replies of a 40–55 s wave), which the ceiling must carry
+//! as well.
 //!
 //! Nothing is written to a store, nothing is looked up: what is left is the broker, the client
 //! library and the fleet, on this machine. Every fleet figure is divided by these.
