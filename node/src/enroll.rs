@@ -291,6 +291,8 @@ impl EnrollService {
             warn!("enrollment request with a reply_to that is not direct reply-to, not answered");
         }
         let (reply, outcome) = self.answer(&d).await;
+        // Counted before the reply goes out: a client that has its answer finds it counted.
+        metrics::counter!("comodit_node_enroll_total", "outcome" => outcome.label()).increment(1);
         if let (Some(reply), Some(to)) = (reply, reply_to) {
             let payload = serde_json::to_vec(&reply).expect("replies serialize");
             let mut msg = OutMessage::json("enroll_reply", payload);
@@ -300,7 +302,6 @@ impl EnrollService {
                 warn!(error = %e, outcome = outcome.label(), "enrollment reply not sent");
             }
         }
-        metrics::counter!("comodit_node_enroll_total", "outcome" => outcome.label()).increment(1);
         metrics::histogram!("comodit_node_enroll_duration_seconds")
             .record(started.elapsed().as_secs_f64());
         if let Err(e) = d.ack().await {
