@@ -219,17 +219,16 @@ async fn run_on(
             unicasts,
             broadcast,
             setup,
-            heartbeats: 0,
+            heartbeats: fleet
+                .counters
+                .heartbeats
+                .load(std::sync::atomic::Ordering::Relaxed),
         })
     }
     .await;
-    let heartbeats = fleet
-        .counters
-        .heartbeats
-        .load(std::sync::atomic::Ordering::Relaxed);
     fleet.stop().await;
     stop.cancel();
-    r.map(|r| BareResult { heartbeats, ..r })
+    r
 }
 
 pub fn command(host: HostId, body: &Body) -> Command {

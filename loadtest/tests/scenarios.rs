@@ -116,22 +116,22 @@ fn figure<'a>(r: &'a Value, name: &str) -> &'a Value {
         .unwrap_or_else(|| panic!("no figure {name:?} in {}", r["figures"]))
 }
 
-fn phase<'a>(r: &'a Value, name: &str) -> &'a Value {
-    r["phases"]
+/// The entry of the report's `list` whose `key` is `name`.
+fn named<'a>(r: &'a Value, list: &str, key: &str, name: &str) -> &'a Value {
+    r[list]
         .as_array()
         .unwrap()
         .iter()
-        .find(|p| p["phase"] == name)
-        .unwrap_or_else(|| panic!("no phase {name:?} in {}", r["phases"]))
+        .find(|e| e[key] == name)
+        .unwrap_or_else(|| panic!("no {key} {name:?} in {}", r[list]))
+}
+
+fn phase<'a>(r: &'a Value, name: &str) -> &'a Value {
+    named(r, "phases", "phase", name)
 }
 
 fn wave<'a>(r: &'a Value, name: &str) -> &'a Value {
-    r["waves"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|w| w["name"] == name)
-        .unwrap_or_else(|| panic!("no wave {name:?} in {}", r["waves"]))
+    named(r, "waves", "name", name)
 }
 
 #[test]

@@ -15,6 +15,11 @@ async fn post(app: &TestApp, uri: &str, token: &str, body: Option<Value>) -> Res
     app.call(Method::POST, uri, Some(token), body).await
 }
 
+/// The admin's job request to the organization.
+async fn post_job(app: &TestApp, body: Value) -> Resp {
+    post(app, "/api/v1/orgs/acme/jobs", &app.admin, Some(body)).await
+}
+
 /// The host of `submit` answers its change with `status` (written to the store as its actor would).
 async fn answer(app: &TestApp, submit: &crate::common::Submit, status: ChangeStatus) {
     app.store
@@ -59,11 +64,9 @@ async fn a_job_records_one_change_per_matching_host_and_counts_them() {
     let staging = app.env(&org, "staging").await;
     let other = app.host(&staging, "stg-1").await;
 
-    let r = post(
+    let r = post_job(
         &app,
-        "/api/v1/orgs/acme/jobs",
-        &app.admin,
-        Some(json!({"target": {"env": "prod"}, "command": run_uptime()})),
+        json!({"target": {"env": "prod"}, "command": run_uptime()}),
     )
     .await;
     assert_eq!(r.status, StatusCode::ACCEPTED, "{}", r.text);
@@ -122,20 +125,16 @@ async fn a_job_records_one_change_per_matching_host_and_counts_them() {
         .update_host(&labelled, labelled.version)
         .await
         .unwrap();
-    let r = post(
+    let r = post_job(
         &app,
-        "/api/v1/orgs/acme/jobs",
-        &app.admin,
-        Some(json!({"target": {"label": "role=web"}, "command": "ping"})),
+        json!({"target": {"label": "role=web"}, "command": "ping"}),
     )
     .await;
     assert_eq!(r.status, StatusCode::ACCEPTED, "{}", r.text);
     assert_eq!(r.json()["hosts"], 1);
-    let r = post(
+    let r = post_job(
         &app,
-        "/api/v1/orgs/acme/jobs",
-        &app.admin,
-        Some(json!({"target": {"hosts": [other.id, web1.id]}, "command": "facts"})),
+        json!({"target": {"hosts": [other.id, web1.id]}, "command": "facts"}),
     )
     .await;
     assert_eq!(r.status, StatusCode::ACCEPTED, "{}", r.text);
@@ -160,7 +159,7 @@ async fn a_bad_job_is_refused_and_records_nothing() {
     let empty = app.env(&org, "empty").await;
     let post_job = |body: Value| {
         let app = &app;
-        async move { post(app, "/api/v1/orgs/acme/jobs", &app.admin, Some(body)).await }
+        async move { post_job(app, body).await }
     };
     let cases = [
         (
@@ -312,7 +311,7 @@ async fn job_scopes_follow_the_organization_and_environment() {
     .await;
     assert_eq!(r.status, StatusCode::UNPROCESSABLE_ENTITY);
     // An organization-wide job is not visible to the environment's tokens; theirs is.
-    let r = post(&app, "/api/v1/orgs/acme/jobs", &app.admin, Some(body)).await;
+    let r = post_job(&app, body).await;
     assert_eq!(r.json()["hosts"], 2);
     let org_job = r.json()["id"].as_str().unwrap().to_owned();
     let get = |token: String, job: String| {
@@ -403,11 +402,9 @@ async fn cancelling_a_job_cancels_its_queued_changes() {
     app.ops
         .answer(Answer::Completed(comodit_protocol::Status::Ok, None));
     app.ops.answer(Answer::Pending);
-    let r = post(
+    let r = post_job(
         &app,
-        "/api/v1/orgs/acme/jobs",
-        &app.admin,
-        Some(json!({"command": "ping", "target": {"hosts": [web1.id, web2.id]}})),
+        json!({"command": "ping", "target": {"hosts": [web1.id, web2.id]}}),
     )
     .await;
     assert_eq!(r.status, StatusCode::ACCEPTED, "{}", r.text);
@@ -456,13 +453,7 @@ async fn a_paced_job_releases_hosts_as_others_answer_and_stops_when_cancelled() 
     for _ in 0..3 {
         app.ops.answer(Answer::Pending);
     }
-    let r = post(
-        &app,
-        "/api/v1/orgs/acme/jobs",
-        &app.admin,
-        Some(json!({"command": "ping", "max_concurrency": 1})),
-    )
-    .await;
+    let r = post_job(&app, json!({"command": "ping", "max_concurrency": 1})).await;
     assert_eq!(r.status, StatusCode::ACCEPTED, "{}", r.text);
     let job = r.json();
     assert_eq!(job["hosts"], 3);
@@ -514,13 +505,7 @@ async fn a_paced_job_releases_hosts_as_others_answer_and_stops_when_cancelled() 
         "{third_changes:?}"
     );
     // Out of range: refused.
-    let r = post(
-        &app,
-        "/api/v1/orgs/acme/jobs",
-        &app.admin,
-        Some(json!({"command": "ping", "max_concurrency": 0})),
-    )
-    .await;
+    let r = post_job(&app, json!({"command": "ping", "max_concurrency": 0})).await;
     assert_eq!(r.status, StatusCode::UNPROCESSABLE_ENTITY);
 }
 
@@ -581,13 +566,7 @@ async fn a_job_stops_once_more_hosts_failed_than_max_errors() {
 
     // Not paced: all three are queued at once; once one fails, the two still queued are
     // cancelled.
-    let r = post(
-        &app,
-        "/api/v1/orgs/acme/jobs",
-        &app.admin,
-        Some(json!({"command": "ping", "max_errors": 0})),
-    )
-    .await;
+    let r = post_job(&app, json!({"command": "ping", "max_errors": 0})).await;
     assert_eq!(r.status, StatusCode::ACCEPTED, "{}", r.text);
     let id = r.json()["id"].as_str().unwrap().to_owned();
     let queued = wait_job(&app, &id, "three queued", |j| j["counts"]["queued"] == 3).await;
