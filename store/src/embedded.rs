@@ -600,10 +600,13 @@ fn record_job_result(txn: &WriteTransaction, result: &JobResult) -> Result<()> {
     let mut results = txn.open_table(JOB_RESULTS)?;
     let before: Option<JobResult> = get_json(&results, "job result", &key)?;
     put_json(&mut results, "job result", &key, result)?;
-    mark(
-        &mut txn.open_table(JOB_RESULTS_BY_HOST)?,
-        &cat(&[host, job]),
-    )?;
+    if before.is_none() {
+        // Written with the first result; rewritten on each update it would only copy its page.
+        mark(
+            &mut txn.open_table(JOB_RESULTS_BY_HOST)?,
+            &cat(&[host, job]),
+        )?;
+    }
     count_job_result(
         &mut txn.open_table(JOB_COUNTS)?,
         result.job,

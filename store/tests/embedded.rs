@@ -517,3 +517,124 @@ fn cpu_seconds() -> f64 {
     let ticks: u64 = f[11].parse::<u64>().unwrap() + f[12].parse::<u64>().unwrap();
     ticks as f64 / 100.0
 }
+
+/// Benchmark (ignored): the CPU a job costs the store per host, as the node writes it: one
+/// `append_change` per host at submit (many at once), then one `update_change` per answer
+/// carrying the agent's `run` reply (256 at once, as the shard queues' prefetch allows).
+/// `cargo test --release -p comodit-store --test embedded job_writes_cpu -- --ignored --nocapture`
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "benchmark"]
+async fn job_writes_cpu() {
+    use comodit_protocol::{Reply, ReplyData, RunResult, Status, V1};
+    const HOSTS: usize = 10_000;
+    let dir = tempfile::tempdir().unwrap();
+    let store = EmbeddedStore::open(&dir.path().join("store.redb")).unwrap();
+    let (host, _, _, _) = populate(&store).await;
+    let hosts: Vec<Host> = (0..HOSTS)
+        .map(|i| {
+            let id = HostId::random();
+            Host {
+                id,
+                name: format!("web-{i}"),
+                shard: id.shard(256).0,
+                version: 0,
+                ..host.clone()
+            }
+        })
+        .collect();
+    for chunk in hosts.chunks(512) {
+        let tasks: Vec<_> = chunk
+            .iter()
+            .map(|h| {
+                let (store, h) = (store.clone(), h.clone());
+                tokio::spawn(async move { store.create_host(&h).await.unwrap() })
+            })
+            .collect();
+        for t in tasks {
+            t.await.unwrap();
+        }
+    }
+    for round in 1..=3 {
+        let job = conformance::job_record(host.org, Utc::now());
+        store.create_job(&job).await.unwrap();
+        let changes: Vec<Change> = hosts
+            .iter()
+            .map(|h| Change {
+                id: ChangeId::random(),
+                host: h.id,
+                seq: 0,
+                request: serde_json::json!({"op": "run", "argv": ["/bin/true"], "timeout_s": 30}),
+                status: ChangeStatus::Queued,
+                command_id: CommandId::random(),
+                epoch: Epoch(1),
+                requested_by: "token:bench".into(),
+                created_at: Utc::now(),
+                updated_at: Utc::now(),
+                expires_at: Utc::now() + Duration::hours(1),
+                reply: None,
+                job: Some(job.id),
+            })
+            .collect();
+        let (started, cpu) = (std::time::Instant::now(), cpu_seconds());
+        let sem = std::sync::Arc::new(tokio::sync::Semaphore::new(1024));
+        let mut tasks = Vec::with_capacity(HOSTS);
+        for c in &changes {
+            let permit = sem.clone().acquire_owned().await.unwrap();
+            let (store, c) = (store.clone(), c.clone());
+            tasks.push(tokio::spawn(async move {
+                store.append_change(&c).await.unwrap();
+                drop(permit);
+            }));
+        }
+        for t in tasks {
+            t.await.unwrap();
+        }
+        let append = (cpu_seconds() - cpu) / HOSTS as f64 * 1e6;
+        let append_s = started.elapsed().as_secs_f64();
+        let (started, cpu) = (std::time::Instant::now(), cpu_seconds());
+        let sem = std::sync::Arc::new(tokio::sync::Semaphore::new(256));
+        let mut tasks = Vec::with_capacity(HOSTS);
+        for c in &changes {
+            let permit = sem.clone().acquire_owned().await.unwrap();
+            let (store, c) = (store.clone(), c.clone());
+            tasks.push(tokio::spawn(async move {
+                let reply = Reply {
+                    v: V1,
+                    re: Some(c.command_id),
+                    host: c.host,
+                    status: Status::Ok,
+                    reason: None,
+                    results: vec![],
+                    data: Some(ReplyData::Run(RunResult {
+                        exit_code: Some(0),
+                        signal: None,
+                        timed_out: false,
+                        stdout: "ok\n".into(),
+                        stderr: String::new(),
+                        truncated: false,
+                        duration_ms: 0,
+                    })),
+                    started_at: Utc::now(),
+                    finished_at: Utc::now(),
+                };
+                store
+                    .update_change(c.host, c.id, ChangeStatus::Applied, Some(reply), Epoch(1))
+                    .await
+                    .unwrap();
+                drop(permit);
+            }));
+        }
+        for t in tasks {
+            t.await.unwrap();
+        }
+        let update = (cpu_seconds() - cpu) / HOSTS as f64 * 1e6;
+        let update_s = started.elapsed().as_secs_f64();
+        let counts = store.job_counts(job.id).await.unwrap();
+        assert_eq!(counts.applied, HOSTS as u64, "{counts:?}");
+        eprintln!(
+            "round {round}: append_change {append:.0} µs CPU each ({:.0}/s), update_change {update:.0} µs CPU each ({:.0}/s)",
+            HOSTS as f64 / append_s,
+            HOSTS as f64 / update_s
+        );
+    }
+}
