@@ -247,7 +247,11 @@ pub fn command(host: HostId, body: &Body) -> Command {
 /// Who waits for the reply to each command id: (the answering host, answered ok).
 type Waiting = Arc<Mutex<HashMap<CommandId, tokio::sync::mpsc::UnboundedSender<(HostId, bool)>>>>;
 
-/// Consumes every shard queue; hands each reply to whoever waits for its command id.
+/// Consumes every shard queue as the node does, one consumer (and channel) per shard queue
+/// with the node's prefetch, each in a task of its own; hands each reply to whoever waits for
+/// its command id. (Until 2026-11-29 one consumer took all the shard queues on one channel and
+/// acked each delivery before taking the next: a narrower path than the node's, which made the
+/// ceiling slower than the node itself on the same fleet.)
 struct Replies {
     waiting: Waiting,
     hellos: Arc<std::sync::atomic::AtomicUsize>,
@@ -255,39 +259,40 @@ struct Replies {
 
 impl Replies {
     fn start(bus: &Bus, names: &Names, n_shards: u32) -> Replies {
-        let queues = (0..n_shards).map(|n| names.shard_queue(Shard(n))).collect();
-        let mut consumer = bus.consume_many(
-            queues,
-            ConsumeOptions {
-                prefetch: DRIVER_PREFETCH,
-                consumer_tag: String::new(),
-                exclusive: false,
-            },
-        );
         let waiting: Waiting = Arc::default();
         let hellos = Arc::new(std::sync::atomic::AtomicUsize::new(0));
-        let (w, h) = (waiting.clone(), hellos.clone());
-        tokio::spawn(async move {
-            while let Some(d) = consumer.next().await {
-                let parsed = UpKey::parse(&d.routing_key, n_shards)
-                    .ok()
-                    .and_then(|k| Up::decode(k.kind, &d.payload).ok().map(|u| (k, u)));
-                match parsed {
-                    Some((k, Up::Reply(r))) if k.kind == UpKind::Reply => {
-                        if let Some(re) = r.re {
-                            if let Some(tx) = w.lock().await.get(&re) {
-                                let _ = tx.send((r.host, r.status == Status::Ok));
+        for n in 0..n_shards {
+            let mut consumer = bus.consume(
+                &names.shard_queue(Shard(n)),
+                ConsumeOptions {
+                    prefetch: DRIVER_PREFETCH,
+                    consumer_tag: String::new(),
+                    exclusive: false,
+                },
+            );
+            let (w, h) = (waiting.clone(), hellos.clone());
+            tokio::spawn(async move {
+                while let Some(d) = consumer.next().await {
+                    let parsed = UpKey::parse(&d.routing_key, n_shards)
+                        .ok()
+                        .and_then(|k| Up::decode(k.kind, &d.payload).ok().map(|u| (k, u)));
+                    match parsed {
+                        Some((k, Up::Reply(r))) if k.kind == UpKind::Reply => {
+                            if let Some(re) = r.re {
+                                if let Some(tx) = w.lock().await.get(&re) {
+                                    let _ = tx.send((r.host, r.status == Status::Ok));
+                                }
                             }
                         }
+                        Some((_, Up::Hello(_))) => {
+                            h.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                        }
+                        _ => {}
                     }
-                    Some((_, Up::Hello(_))) => {
-                        h.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                    }
-                    _ => {}
+                    let _ = d.ack().await;
                 }
-                let _ = d.ack().await;
-            }
-        });
+            });
+        }
         Replies { waiting, hellos }
     }
 
@@ -343,29 +348,45 @@ async fn unicast(
         })
     };
     let mut wave = Wave::new(name, hosts.len());
-    let until = start + deadline;
     let mut publish_failed = 0;
-    let mut early: Vec<(HostId, Instant, bool)> = Vec::new();
+    // A reply can overtake its send record (both come from tasks): kept until that record comes.
+    let mut early: HashMap<HostId, (Instant, bool)> = HashMap::new();
+    // Once every publish is recorded the channel is closed and would be ready at once, forever:
+    // polling it then would spin this loop until the last reply (as it did before 2026-11-29,
+    // on the CPU the broker and the fleet share with it).
+    let mut sends_open = true;
+    let deadline_at = tokio::time::sleep_until((start + deadline).into());
+    tokio::pin!(deadline_at);
     while wave.answered < hosts.len() {
         tokio::select! {
-            s = srx.recv() => if let Some((h, at, ok)) = s {
-                sent_at.insert(h, at);
-                if !ok { publish_failed += 1; }
+            s = srx.recv(), if sends_open => match s {
+                Some((h, at, ok)) => {
+                    if !ok {
+                        publish_failed += 1;
+                    }
+                    if let Some((got, ok)) = early.remove(&h) {
+                        wave.record(got.duration_since(start), got.duration_since(at), ok);
+                    }
+                    sent_at.insert(h, at);
+                }
+                None => sends_open = false,
             },
             r = rx.recv() => match r {
-                Some((h, ok)) => early.push((h, Instant::now(), ok)),
+                Some((h, ok)) => {
+                    let got = Instant::now();
+                    match sent_at.get(&h) {
+                        Some(at) => {
+                            wave.record(got.duration_since(start), got.duration_since(*at), ok)
+                        }
+                        None => {
+                            early.insert(h, (got, ok));
+                        }
+                    }
+                }
                 None => break,
             },
-            _ = tokio::time::sleep_until(until.into()) => break,
+            _ = &mut deadline_at => break,
         }
-        // A reply can overtake its send record (both are tasks): match them when both are known.
-        early.retain(|(h, got, ok)| match sent_at.get(h) {
-            Some(at) => {
-                wave.record(got.duration_since(start), got.duration_since(*at), *ok);
-                false
-            }
-            None => true,
-        });
     }
     wave.elapsed = start.elapsed();
     wave.cpu = Some(meter.end(wave.answered));
@@ -395,7 +416,8 @@ async fn broadcast(
         .await
         .context("broadcast publish")?;
     let mut wave = Wave::new("bare_broadcast", hosts.len());
-    let until = start + deadline;
+    let deadline_at = tokio::time::sleep_until((start + deadline).into());
+    tokio::pin!(deadline_at);
     while wave.answered < hosts.len() {
         tokio::select! {
             r = rx.recv() => match r {
@@ -405,11 +427,118 @@ async fn broadcast(
                 }
                 None => break,
             },
-            _ = tokio::time::sleep_until(until.into()) => break,
+            _ = &mut deadline_at => break,
         }
     }
     wave.elapsed = start.elapsed();
     wave.cpu = Some(meter.end(wave.answered));
     replies.waiting.lock().await.clear();
     Ok(wave)
+}
+
+/// The ceiling measured on the fleet a node serves, while that node is stopped (the scenarios'
+/// `--interleave-bare`): the same host queues, shard queues, fleet connections and broker state
+/// as the node's own waves, and each bare wave next to an API wave in time, so that the machine's
+/// speed, which drifts by a third within an hour on the development VM, is the same for both.
+pub struct OnFleet<'a> {
+    pub broker: &'a Broker,
+    pub names: &'a Names,
+    pub hosts: &'a [HostId],
+    pub n_shards: u32,
+    /// The driver's publishes in flight (the node's bound).
+    pub publishes_in_flight: usize,
+    pub body: &'a Body,
+    pub deadline: Duration,
+}
+
+/// A driver connection consuming every shard queue in the stopped node's place.
+struct Driver {
+    bus: Bus,
+    replies: Replies,
+    stop: CancellationToken,
+}
+
+impl Driver {
+    async fn start(f: &OnFleet<'_>, shutdown: &CancellationToken) -> anyhow::Result<Driver> {
+        let stop = shutdown.child_token();
+        let bus = Bus::start(
+            BusConfig {
+                url: f.broker.admin_url(),
+                connection_name: format!("comodit-loadtest bare driver {}", f.names.prefix()),
+                max_publishes_in_flight: f.publishes_in_flight,
+                ..BusConfig::default()
+            },
+            stop.clone(),
+        );
+        if let Err(e) = bus.wait_connected(Duration::from_secs(30)).await {
+            stop.cancel();
+            return Err(e.into());
+        }
+        let replies = Replies::start(&bus, f.names, f.n_shards);
+        Ok(Driver { bus, replies, stop })
+    }
+
+    /// Closes the connection (its unacked deliveries go back to their queues) and waits, at
+    /// most 10 s, until it is closed: the restarted node must be the shard queues' only consumer.
+    async fn stop(self) {
+        self.stop.cancel();
+        let until = Instant::now() + Duration::from_secs(10);
+        while self.bus.is_connected() && Instant::now() < until {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+}
+
+/// One bare unicast wave on the node's fleet (the node must be stopped).
+pub async fn unicast_on_fleet(
+    f: &OnFleet<'_>,
+    name: &str,
+    shutdown: &CancellationToken,
+) -> anyhow::Result<Wave> {
+    let d = Driver::start(f, shutdown).await?;
+    let w = unicast(
+        &d.bus, f.names, f.hosts, f.body, &d.replies, f.deadline, name,
+    )
+    .await;
+    d.stop().await;
+    w
+}
+
+/// The bare broadcast on the node's fleet (the node must be stopped): a fanout exchange bound to
+/// every host queue, one publish, one reply per host; the exchange is deleted afterwards.
+pub async fn broadcast_on_fleet(
+    f: &OnFleet<'_>,
+    shutdown: &CancellationToken,
+) -> anyhow::Result<Wave> {
+    let d = Driver::start(f, shutdown).await?;
+    let bcast = format!("{}.bcast", f.names.prefix());
+    let r = async {
+        let ch = d.bus.channel().await?;
+        ch.exchange_declare(
+            bcast.as_str().into(),
+            ExchangeKind::Fanout,
+            ExchangeDeclareOptions::default(),
+            FieldTable::default(),
+        )
+        .await?;
+        for h in f.hosts {
+            ch.queue_bind(
+                f.names.agent_queue(*h).as_str().into(),
+                bcast.as_str().into(),
+                "".into(),
+                QueueBindOptions::default(),
+                FieldTable::default(),
+            )
+            .await?;
+        }
+        let w = broadcast(&d.bus, &bcast, f.hosts, f.body, &d.replies, f.deadline).await;
+        let _ = ch
+            .exchange_delete(bcast.as_str().into(), Default::default())
+            .await;
+        let _ = ch.close(200, "done".into()).await;
+        w
+    }
+    .await;
+    d.stop().await;
+    r
 }

@@ -231,6 +231,7 @@ fn ticks_per_s() -> f64 {
 pub struct Sampler {
     pub samples: std::sync::Arc<std::sync::Mutex<Vec<Sample>>>,
     pub hosts: std::sync::Arc<std::sync::atomic::AtomicU64>,
+    pids: std::sync::Arc<std::sync::Mutex<Vec<u32>>>,
     stop: tokio_util::sync::CancellationToken,
     task: Option<tokio::task::JoinHandle<()>>,
 }
@@ -292,9 +293,16 @@ impl Sampler {
         Sampler {
             samples,
             hosts,
+            pids,
             stop,
             task: Some(task),
         }
+    }
+
+    /// The node processes to sample from now on (after a restart). The sample that spans the
+    /// change reads no node CPU rather than a difference between two processes.
+    pub fn set_node_pids(&self, node_pids: Vec<u32>) {
+        *self.pids.lock().unwrap_or_else(|e| e.into_inner()) = node_pids;
     }
 
     /// The samples taken between `from_s` and `to_s` (seconds since the sampler started).

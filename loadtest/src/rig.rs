@@ -71,6 +71,8 @@ pub struct NodeProc {
     pub port: u16,
     pub dir: PathBuf,
     pub log: PathBuf,
+    /// The extra environment it was started with (a restart gives it again).
+    extra: Vec<(String, String)>,
 }
 
 impl NodeProc {
@@ -169,7 +171,44 @@ pub fn spawn_node(
     std::fs::create_dir_all(&dir)?;
     let port = free_port()?;
     let log = dir.join("node.log");
-    let out = std::fs::File::create(&log)?;
+    std::fs::File::create(&log)?;
+    start_node(id, dir, port, log, prefix, broker, opts, extra)
+}
+
+/// Starts a stopped node again on its data directory and port; its log goes on in the same file.
+pub fn restart_node(
+    node: &mut NodeProc,
+    prefix: &str,
+    broker: &Broker,
+    opts: &NodeOptions,
+) -> anyhow::Result<()> {
+    node.stop(Duration::from_secs(30));
+    let fresh = start_node(
+        node.id,
+        node.dir.clone(),
+        node.port,
+        node.log.clone(),
+        prefix,
+        broker,
+        opts,
+        &node.extra,
+    )?;
+    *node = fresh;
+    Ok(())
+}
+
+#[allow(clippy::too_many_arguments)]
+fn start_node(
+    id: u64,
+    dir: PathBuf,
+    port: u16,
+    log: PathBuf,
+    prefix: &str,
+    broker: &Broker,
+    opts: &NodeOptions,
+    extra: &[(String, String)],
+) -> anyhow::Result<NodeProc> {
+    let out = std::fs::OpenOptions::new().append(true).open(&log)?;
     if !opts.bin.exists() {
         bail!(
             "{} is missing: build it first (cargo build --release -p comodit-node) or pass --node-bin",
@@ -215,6 +254,7 @@ pub fn spawn_node(
         port,
         dir,
         log,
+        extra: extra.to_vec(),
     };
     let http = http(Duration::from_secs(2));
     let until = Instant::now() + Duration::from_secs(60);

@@ -117,6 +117,13 @@ pub struct Common {
     /// Skip the bare comparison (its figures and ratios are then absent).
     #[arg(long)]
     pub no_bare: bool,
+    /// `apply`, `run`, `job`: measure the bare ceiling on the node's own fleet instead of a fleet
+    /// of its own before it: before each API wave the node is stopped, a bare unicast wave runs
+    /// on the same host and shard queues, and the node is started again; the bare broadcast runs
+    /// last. Both kinds of wave then see the same broker state and, wave by wave, the same
+    /// machine speed (docs/performance.md).
+    #[arg(long, conflicts_with = "no_bare")]
+    pub interleave_bare: bool,
     /// Run the node(s) on these CPUs only (a `taskset -c` list such as `1`). With the broker and
     /// this process pinned elsewhere, the node gets cores of its own, as on a real deployment
     /// (docs/performance.md).
@@ -800,7 +807,11 @@ pub async fn api_wave_scenario(ctx: &mut Ctx, op: ApiOp) -> anyhow::Result<()> {
         ApiOp::Apply { content } => apply_body(content)?,
         ApiOp::Run | ApiOp::Job { .. } => run_body(),
     };
-    let bare = bare_phase(ctx, body, true).await?;
+    let mut bare = if ctx.c.interleave_bare {
+        None
+    } else {
+        bare_phase(ctx, body.clone(), true).await?
+    };
     let mut rig = Rig::single(ctx)?;
     let sampler = Sampler::start(rig.pids(), Duration::from_millis(500), ctx.started);
     let r = async {
@@ -833,7 +844,28 @@ pub async fn api_wave_scenario(ctx: &mut Ctx, op: ApiOp) -> anyhow::Result<()> {
         }
         let n_waves = usize::from(ctx.c.waves);
         let mut waves = Vec::with_capacity(n_waves);
+        let mut interleaved = BareResult {
+            unicasts: Vec::new(),
+            broadcast: None,
+            setup: Duration::ZERO,
+            heartbeats: 0,
+        };
+        let names = rig.names.clone();
+        let on_fleet = bare::OnFleet {
+            broker: &ctx.broker,
+            names: &names,
+            hosts: &ids,
+            n_shards: ctx.c.n_shards,
+            publishes_in_flight: usize::from(ctx.c.publishes_in_flight),
+            body: &body,
+            deadline: Duration::from_secs(ctx.c.deadline_s.min(1800)),
+        };
         for i in 0..n_waves {
+            if ctx.c.interleave_bare {
+                let w =
+                    interleaved_bare_wave(ctx, &mut rig, &sampler, &on_fleet, i, n_waves).await?;
+                interleaved.unicasts.push(w);
+            }
             let wave_name = wave_name(name, i, n_waves);
             let t0 = ctx.started.elapsed().as_secs_f64();
             let meter = CpuMeter::start(&rig.pids());
@@ -896,10 +928,55 @@ pub async fn api_wave_scenario(ctx: &mut Ctx, op: ApiOp) -> anyhow::Result<()> {
                 let _ = std::fs::write(path, text);
             }
         }
+        if ctx.c.interleave_bare {
+            // Last, with the node stopped for good: the fleet's queues get a fanout binding each.
+            rig.nodes[0].stop(Duration::from_secs(30));
+            let w = bare::broadcast_on_fleet(&on_fleet, &ctx.shutdown).await?;
+            eprintln!(
+                "bare broadcast: {} of {} answered in {:.2} s ({:.0}/s)",
+                w.answered,
+                w.expected,
+                w.elapsed.as_secs_f64(),
+                w.throughput()
+            );
+            interleaved.broadcast = Some(w);
+            ctx.report
+                .waves
+                .extend(interleaved.unicasts.iter().map(|w| w.summary()));
+            ctx.report
+                .waves
+                .extend(interleaved.broadcast.iter().map(|w| w.summary()));
+            // Each API wave against the bare wave just before it: the drift of the machine's
+            // speed between the two is seconds, not minutes.
+            let pairs: Vec<f64> = waves
+                .iter()
+                .zip(&interleaved.unicasts)
+                .map(|(api, bare)| api.elapsed.as_secs_f64() / bare.elapsed.as_secs_f64())
+                .collect();
+            ctx.report.notes.push(format!(
+                "each API wave against the bare wave just before it: {}",
+                pairs
+                    .iter()
+                    .map(|r| format!("{r:.2}×"))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ));
+            ctx.report.phases.push(json!({
+                "phase": "bare",
+                "interleaved": true,
+                "heartbeat_s": ctx.c.heartbeat_s,
+                "pair_ratios": pairs,
+            }));
+            bare = Some(interleaved);
+        }
         let tallies = fleet.tallies();
         let replied = tallies.iter().filter(|t| t.replied > 0).count();
-        // Each host gets one command per wave.
-        let per_host = u32::from(ctx.c.waves);
+        // Each host gets one command per wave (and per bare wave on this fleet).
+        let per_host = if ctx.c.interleave_bare {
+            2 * u32::from(ctx.c.waves) + 1
+        } else {
+            u32::from(ctx.c.waves)
+        };
         let duplicated: u32 = tallies
             .iter()
             .map(|t| t.duplicates + t.received.saturating_sub(per_host))
@@ -931,6 +1008,14 @@ pub async fn api_wave_scenario(ctx: &mut Ctx, op: ApiOp) -> anyhow::Result<()> {
             .cpu
             .and_then(|c| c.node_ms)
             .map(|ms| Figure::new("node CPU per answer", ms, "ms"));
+        if ctx.c.interleave_bare {
+            ctx.report.notes.push(
+                "bare ceiling interleaved: before each API wave the node was stopped, a bare \
+                 unicast wave ran on its fleet (same host and shard queues), and the node was \
+                 started again; the bare broadcast ran last"
+                    .into(),
+            );
+        }
         if n_waves > 1 {
             ctx.report.notes.push(format!(
                 "{n_waves} API waves on the same hosts (and as many bare unicast waves, unless \
@@ -978,6 +1063,40 @@ pub async fn api_wave_scenario(ctx: &mut Ctx, op: ApiOp) -> anyhow::Result<()> {
     add_resource_plot(&mut ctx.report);
     rig.cleanup(&ctx.broker, &ctx.out).await;
     r
+}
+
+/// `--interleave-bare`: stops the node, runs bare unicast wave `i` on its fleet, starts the node
+/// again and waits until it holds an actor for every host.
+async fn interleaved_bare_wave(
+    ctx: &Ctx,
+    rig: &mut Rig,
+    sampler: &Sampler,
+    on_fleet: &bare::OnFleet<'_>,
+    i: usize,
+    n: usize,
+) -> anyhow::Result<Wave> {
+    let name = wave_name("bare_unicast", i, n);
+    rig.nodes[0].stop(Duration::from_secs(30));
+    let w = bare::unicast_on_fleet(on_fleet, &name, &ctx.shutdown).await;
+    let opts = ctx.node_options()?;
+    rig::restart_node(&mut rig.nodes[0], &rig.prefix, &ctx.broker, &opts)?;
+    sampler.set_node_pids(rig.pids());
+    let w = w?;
+    eprintln!(
+        "{name}: {} of {} answered in {:.2} s ({:.0}/s)",
+        w.answered,
+        w.expected,
+        w.elapsed.as_secs_f64(),
+        w.throughput()
+    );
+    let started = Instant::now();
+    wait_actors(&rig.apis, on_fleet.hosts.len(), Duration::from_secs(600)).await?;
+    eprintln!(
+        "node restarted; {} host actors after {:.1} s",
+        on_fleet.hosts.len(),
+        started.elapsed().as_secs_f64()
+    );
+    Ok(w)
 }
 
 /// One request per host, `concurrency` at a time, each to `apis[i % len]` (a request that cannot

@@ -278,6 +278,42 @@ fn a_job_reaches_every_host_once_and_counts_injected_failures() {
 }
 
 #[test]
+fn a_job_with_its_bare_ceiling_interleaved_on_the_same_fleet() {
+    // The bare waves on the node's own fleet, the node stopped for each and started again.
+    let (r, _dir) = run(&["job", "--waves", "2", "--interleave-bare"]);
+    let c = &r["counts"];
+    assert_eq!(c["expected"], 2 * HOSTS, "{c}");
+    assert_eq!(c["counted"], 2 * HOSTS, "{c}");
+    assert_eq!(c["answered_ok"], 2 * HOSTS, "{c}");
+    assert_eq!(c["hosts_that_replied"], HOSTS, "{c}");
+    // Two job commands, two bare unicasts and one broadcast per host, none twice.
+    assert_eq!(c["duplicated_commands"], 0, "{c}");
+    for name in ["api_job 1/2", "api_job 2/2"] {
+        let w = wave(&r, name);
+        assert_eq!(w["answered"], HOSTS, "{w}");
+        // The restarted node's CPU is measured too.
+        assert!(
+            w["cpu_ms_per_answer"]["node_ms"].as_f64().unwrap() > 0.0,
+            "{w}"
+        );
+    }
+    for name in ["bare_unicast 1/2", "bare_unicast 2/2", "bare_broadcast"] {
+        let w = wave(&r, name);
+        assert_eq!(w["answered"], HOSTS, "{w}");
+        assert!(w["cpu_ms_per_answer"]["node_ms"].is_null(), "{w}");
+    }
+    let bare = phase(&r, "bare");
+    assert_eq!(bare["interleaved"], true, "{bare}");
+    let pairs = bare["pair_ratios"].as_array().expect("pair ratios");
+    assert_eq!(pairs.len(), 2, "{bare}");
+    assert!(pairs.iter().all(|p| p.as_f64().unwrap() > 0.0), "{bare}");
+    let notes = r["notes"].to_string();
+    assert!(notes.contains("bare ceiling interleaved"), "{notes}");
+    let f = figure(&r, "time until the last host answered");
+    assert!(f["ratio"].as_f64().is_some(), "{f}");
+}
+
+#[test]
 fn steady_measures_both_liveness_modes_over_the_whole_fleet() {
     let (r, _dir) = run(&[
         "steady",
