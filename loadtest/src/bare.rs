@@ -58,20 +58,33 @@ pub struct BareOptions {
     pub heartbeat_s: u64,
 }
 
-pub struct BareResult {
+/// The bare waves a fleet figure is compared with.
+pub struct Ceiling {
     /// Every unicast wave, in the order they ran.
     pub unicasts: Vec<Wave>,
     pub broadcast: Option<Wave>,
-    pub setup: Duration,
-    /// Routed heartbeats the simulated hosts sent over the whole bare run.
-    pub heartbeats: u64,
 }
 
-impl BareResult {
+impl Ceiling {
     /// The unicast wave of median duration: the one the figures compare with.
     pub fn unicast(&self) -> &Wave {
         crate::measure::median_wave(&self.unicasts)
     }
+
+    /// Every wave's summary, the unicasts first, for the report.
+    pub fn summaries(&self) -> impl Iterator<Item = serde_json::Value> + '_ {
+        self.unicasts
+            .iter()
+            .chain(self.broadcast.as_ref())
+            .map(Wave::summary)
+    }
+}
+
+pub struct BareResult {
+    pub ceiling: Ceiling,
+    pub setup: Duration,
+    /// Routed heartbeats the simulated hosts sent over the whole bare run.
+    pub heartbeats: u64,
 }
 
 /// Runs bare unicast (and broadcast) on a prefix of its own, then deletes everything it made.
@@ -123,14 +136,7 @@ async fn run_on(
         for h in &hosts {
             topology::declare_agent_queue(&ch, &names, *h).await?;
             if opts.broadcast {
-                ch.queue_bind(
-                    names.agent_queue(*h).as_str().into(),
-                    bcast.as_str().into(),
-                    "".into(),
-                    QueueBindOptions::default(),
-                    FieldTable::default(),
-                )
-                .await?;
+                bind_broadcast(&ch, &names, &bcast, *h).await?;
             }
         }
         let _ = ch.close(200, "declared".into()).await;
@@ -193,31 +199,21 @@ async fn run_on(
                 &name,
             )
             .await?;
-            eprintln!(
-                "{name}: {} of {} answered in {:.2} s ({:.0}/s)",
-                w.answered,
-                w.expected,
-                w.elapsed.as_secs_f64(),
-                w.throughput()
-            );
+            eprintln!("{}", w.done_line());
             unicasts.push(w);
         }
         let broadcast = if opts.broadcast {
             let w = broadcast(&driver, &bcast, &hosts, &opts.body, &replies, opts.deadline).await?;
-            eprintln!(
-                "bare broadcast: {} of {} answered in {:.2} s ({:.0}/s)",
-                w.answered,
-                w.expected,
-                w.elapsed.as_secs_f64(),
-                w.throughput()
-            );
+            eprintln!("{}", w.done_line());
             Some(w)
         } else {
             None
         };
         anyhow::Ok(BareResult {
-            unicasts,
-            broadcast,
+            ceiling: Ceiling {
+                unicasts,
+                broadcast,
+            },
             setup,
             heartbeats: fleet
                 .counters
@@ -229,6 +225,24 @@ async fn run_on(
     fleet.stop().await;
     stop.cancel();
     r
+}
+
+/// Binds `host`'s queue to the broadcast exchange `bcast`.
+async fn bind_broadcast(
+    ch: &comodit_bus::lapin::Channel,
+    names: &Names,
+    bcast: &str,
+    host: HostId,
+) -> anyhow::Result<()> {
+    ch.queue_bind(
+        names.agent_queue(host).as_str().into(),
+        bcast.into(),
+        "".into(),
+        QueueBindOptions::default(),
+        FieldTable::default(),
+    )
+    .await?;
+    Ok(())
 }
 
 pub fn command(host: HostId, body: &Body) -> Command {
@@ -522,14 +536,7 @@ pub async fn broadcast_on_fleet(
         )
         .await?;
         for h in f.hosts {
-            ch.queue_bind(
-                f.names.agent_queue(*h).as_str().into(),
-                bcast.as_str().into(),
-                "".into(),
-                QueueBindOptions::default(),
-                FieldTable::default(),
-            )
-            .await?;
+            bind_broadcast(&ch, f.names, &bcast, *h).await?;
         }
         let w = broadcast(&d.bus, &bcast, f.hosts, f.body, &d.replies, f.deadline).await;
         let _ = ch

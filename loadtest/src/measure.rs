@@ -116,6 +116,19 @@ impl Wave {
         }
     }
 
+    /// "<name>: <answered> of <expected> answered in <s> s (<n>/s)": what a scenario prints when
+    /// a wave ends.
+    pub fn done_line(&self) -> String {
+        format!(
+            "{}: {} of {} answered in {:.2} s ({:.0}/s)",
+            self.name,
+            self.answered,
+            self.expected,
+            self.elapsed.as_secs_f64(),
+            self.throughput()
+        )
+    }
+
     pub fn summary(&self) -> Value {
         json!({
             "name": self.name,

@@ -23,7 +23,7 @@ use futures_util::StreamExt;
 use serde_json::{json, Value};
 use tokio_util::sync::CancellationToken;
 
-use crate::bare::{self, BareOptions, BareResult};
+use crate::bare::{self, BareOptions, BareResult, Ceiling};
 use crate::enroller::{self, EnrollOptions, Enrolled};
 use crate::fleet::{Fleet, FleetConfig, Login};
 use crate::measure::{mean, median_wave, percentiles, slope, wave_name, CpuMeter, Sampler, Wave};
@@ -443,12 +443,7 @@ async fn bare_phase(
         &ctx.shutdown,
     )
     .await?;
-    ctx.report
-        .waves
-        .extend(r.unicasts.iter().map(|w| w.summary()));
-    if let Some(b) = &r.broadcast {
-        ctx.report.waves.push(b.summary());
-    }
+    ctx.report.waves.extend(r.ceiling.summaries());
     ctx.report.phases.push(json!({
         "phase": "bare",
         "setup_s": r.setup.as_secs_f64(),
@@ -511,7 +506,7 @@ pub async fn enroll(ctx: &mut Ctx) -> anyhow::Result<()> {
             .goal("≥ 10,000 hosts/min", per_min >= 10_000.0);
         if let Some(b) = &bare {
             // An enrollment is one request and one reply: compare with the bare round trips.
-            f = f.vs_bare(b.unicast().throughput() * 60.0);
+            f = f.vs_bare(b.ceiling.unicast().throughput() * 60.0);
         }
         ctx.report.figures.push(f);
         ctx.report.figures.push(Figure::new(
@@ -810,7 +805,9 @@ pub async fn api_wave_scenario(ctx: &mut Ctx, op: ApiOp) -> anyhow::Result<()> {
     let mut bare = if ctx.c.interleave_bare {
         None
     } else {
-        bare_phase(ctx, body.clone(), true).await?
+        bare_phase(ctx, body.clone(), true)
+            .await?
+            .map(|r| r.ceiling)
     };
     let mut rig = Rig::single(ctx)?;
     let sampler = Sampler::start(rig.pids(), Duration::from_millis(500), ctx.started);
@@ -844,11 +841,9 @@ pub async fn api_wave_scenario(ctx: &mut Ctx, op: ApiOp) -> anyhow::Result<()> {
         }
         let n_waves = usize::from(ctx.c.waves);
         let mut waves = Vec::with_capacity(n_waves);
-        let mut interleaved = BareResult {
+        let mut interleaved = Ceiling {
             unicasts: Vec::new(),
             broadcast: None,
-            setup: Duration::ZERO,
-            heartbeats: 0,
         };
         let names = rig.names.clone();
         let on_fleet = bare::OnFleet {
@@ -902,13 +897,7 @@ pub async fn api_wave_scenario(ctx: &mut Ctx, op: ApiOp) -> anyhow::Result<()> {
             };
             let t1 = ctx.started.elapsed().as_secs_f64();
             wave.cpu = Some(meter.end(wave.answered));
-            eprintln!(
-                "{wave_name}: {} of {} answered in {:.2} s ({:.0}/s)",
-                wave.answered,
-                wave.expected,
-                wave.elapsed.as_secs_f64(),
-                wave.throughput()
-            );
+            eprintln!("{}", wave.done_line());
             let during = sampler.window(t0, t1);
             ctx.report.phases.push(json!({
                 "phase": wave_name,
@@ -932,20 +921,9 @@ pub async fn api_wave_scenario(ctx: &mut Ctx, op: ApiOp) -> anyhow::Result<()> {
             // Last, with the node stopped for good: the fleet's queues get a fanout binding each.
             rig.nodes[0].stop(Duration::from_secs(30));
             let w = bare::broadcast_on_fleet(&on_fleet, &ctx.shutdown).await?;
-            eprintln!(
-                "bare broadcast: {} of {} answered in {:.2} s ({:.0}/s)",
-                w.answered,
-                w.expected,
-                w.elapsed.as_secs_f64(),
-                w.throughput()
-            );
+            eprintln!("{}", w.done_line());
             interleaved.broadcast = Some(w);
-            ctx.report
-                .waves
-                .extend(interleaved.unicasts.iter().map(|w| w.summary()));
-            ctx.report
-                .waves
-                .extend(interleaved.broadcast.iter().map(|w| w.summary()));
+            ctx.report.waves.extend(interleaved.summaries());
             // Each API wave against the bare wave just before it: the drift of the machine's
             // speed between the two is seconds, not minutes.
             let pairs: Vec<f64> = waves
@@ -1082,13 +1060,7 @@ async fn interleaved_bare_wave(
     rig::restart_node(&mut rig.nodes[0], &rig.prefix, &ctx.broker, &opts)?;
     sampler.set_node_pids(rig.pids());
     let w = w?;
-    eprintln!(
-        "{name}: {} of {} answered in {:.2} s ({:.0}/s)",
-        w.answered,
-        w.expected,
-        w.elapsed.as_secs_f64(),
-        w.throughput()
-    );
+    eprintln!("{}", w.done_line());
     let started = Instant::now();
     wait_actors(&rig.apis, on_fleet.hosts.len(), Duration::from_secs(600)).await?;
     eprintln!(
@@ -1352,7 +1324,7 @@ pub async fn bare_only(ctx: &mut Ctx) -> anyhow::Result<()> {
     ctx.report.samples = sampler.stop().await;
     add_resource_plot(&mut ctx.report);
     let r = r?.context("bare skipped")?;
-    let u = r.unicast();
+    let u = r.ceiling.unicast();
     ctx.report.figures.push(Figure::new(
         "unicast: time until the last host answered",
         u.elapsed.as_secs_f64(),
@@ -1362,7 +1334,7 @@ pub async fn bare_only(ctx: &mut Ctx) -> anyhow::Result<()> {
         .figures
         .push(Figure::new("unicast round trips", u.throughput(), "per s"));
     let mut series = latency_over_time("unicast", &u.points, 60);
-    if let Some(b) = &r.broadcast {
+    if let Some(b) = &r.ceiling.broadcast {
         ctx.report.figures.push(
             Figure::new(
                 "broadcast: time until the last host answered",
@@ -1376,12 +1348,12 @@ pub async fn bare_only(ctx: &mut Ctx) -> anyhow::Result<()> {
         );
         series.extend(latency_over_time("broadcast", &b.points, 60));
     }
-    let waves = r.unicasts.len();
+    let waves = r.ceiling.unicasts.len();
     ctx.report.counts = json!({
         "expected": ctx.c.hosts * waves,
-        "counted": r.unicasts.iter().map(|w| w.answered).sum::<usize>(),
+        "counted": r.ceiling.unicasts.iter().map(|w| w.answered).sum::<usize>(),
         "unicast_answered": u.answered,
-        "broadcast_answered": r.broadcast.as_ref().map(|b| b.answered),
+        "broadcast_answered": r.ceiling.broadcast.as_ref().map(|b| b.answered),
     });
     ctx.report.notes.push(format!(
         "Setup (queues, bindings, {} connections, hellos) took {:.1} s and is not in the figures. \
