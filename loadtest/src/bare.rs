@@ -186,10 +186,11 @@ async fn run_on(
             opts.hosts,
             setup.as_secs_f64()
         );
+        let mut probe = crate::probe::Probe::new(&fleet.counters);
         let mut unicasts = Vec::new();
         for i in 0..opts.waves.max(1) {
             let name = crate::measure::wave_name("bare_unicast", i, opts.waves);
-            let w = unicast(
+            let mut w = unicast(
                 &driver,
                 &names,
                 &hosts,
@@ -200,11 +201,14 @@ async fn run_on(
             )
             .await?;
             eprintln!("{}", w.done_line());
+            w.underneath = Some(probe.wave_ended(&fleet.counters, None, broker).await);
             unicasts.push(w);
         }
         let broadcast = if opts.broadcast {
-            let w = broadcast(&driver, &bcast, &hosts, &opts.body, &replies, opts.deadline).await?;
+            let mut w =
+                broadcast(&driver, &bcast, &hosts, &opts.body, &replies, opts.deadline).await?;
             eprintln!("{}", w.done_line());
+            w.underneath = Some(probe.wave_ended(&fleet.counters, None, broker).await);
             Some(w)
         } else {
             None

@@ -34,6 +34,7 @@ use comodit_protocol::{
 };
 use futures_util::StreamExt;
 use rand::Rng;
+use serde::Serialize;
 use tokio::sync::watch;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
@@ -219,6 +220,45 @@ pub struct Counters {
     pub heartbeats: AtomicU64,
     pub publish_errors: AtomicU64,
     pub connects: AtomicU64,
+}
+
+/// A snapshot of [`Counters`] (the parts that tell what a wave did to the fleet).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct FleetCounts {
+    /// Commands delivered to the hosts (duplicates included).
+    pub commands: u64,
+    /// Commands a host had seen before (same command id), answered again from its window.
+    pub duplicates: u64,
+    pub replies: u64,
+    /// Publishes (replies, hellos, heartbeats) the broker did not confirm.
+    pub publish_errors: u64,
+    /// Connections (re)established, each followed by a hello for each of its hosts.
+    pub connects: u64,
+}
+
+impl Counters {
+    pub fn snapshot(&self) -> FleetCounts {
+        FleetCounts {
+            commands: self.commands.load(Ordering::Relaxed),
+            duplicates: self.duplicates.load(Ordering::Relaxed),
+            replies: self.replies.load(Ordering::Relaxed),
+            publish_errors: self.publish_errors.load(Ordering::Relaxed),
+            connects: self.connects.load(Ordering::Relaxed),
+        }
+    }
+}
+
+impl FleetCounts {
+    /// What was counted since `before`.
+    pub fn since(&self, before: &FleetCounts) -> FleetCounts {
+        FleetCounts {
+            commands: self.commands.saturating_sub(before.commands),
+            duplicates: self.duplicates.saturating_sub(before.duplicates),
+            replies: self.replies.saturating_sub(before.replies),
+            publish_errors: self.publish_errors.saturating_sub(before.publish_errors),
+            connects: self.connects.saturating_sub(before.connects),
+        }
+    }
 }
 
 /// Per-host outcome, read after a wave.

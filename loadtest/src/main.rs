@@ -18,6 +18,7 @@ mod enroller;
 mod failover;
 mod fleet;
 mod measure;
+mod probe;
 mod report;
 mod rig;
 mod scenarios;
@@ -116,6 +117,16 @@ enum Scenario {
         /// Kill a node once this fraction of the hosts answered.
         #[arg(long, default_value_t = 0.3)]
         kill_after: f64,
+    },
+    /// Deletes what earlier runs left on the broker (queues, exchanges, users of their prefix):
+    /// the named --prefix, or else every run prefix none of whose queues has a consumer and none
+    /// of whose users is connected (a run that is still going is left alone). Writes no report.
+    Cleanup {
+        #[command(flatten)]
+        common: scenarios::Common,
+        /// A run's prefix (`lt` and 8 hex digits); repeatable.
+        #[arg(long)]
+        prefix: Vec<String>,
     },
 }
 
@@ -286,6 +297,9 @@ fn fleet_scenario(s: Scenario) -> anyhow::Result<()> {
                 shutdown.cancel();
             });
         }
+        if let Scenario::Cleanup { common, prefix } = &s {
+            return scenarios::cleanup_leftovers(common, prefix).await;
+        }
         let (name, common, params) = match &s {
             Scenario::Enroll { common } => ("enroll", common.clone(), json!({})),
             Scenario::Steady {
@@ -318,6 +332,7 @@ fn fleet_scenario(s: Scenario) -> anyhow::Result<()> {
             _ => unreachable!("api scenarios run without a runtime"),
         };
         let mut ctx = scenarios::Ctx::new(name, common, params, shutdown.clone());
+        scenarios::note_leftovers(&mut ctx).await;
         let started = std::time::Instant::now();
         let outcome = match s {
             Scenario::Enroll { .. } => scenarios::enroll(&mut ctx).await,

@@ -22,6 +22,8 @@ pub struct Wave {
     pub points: Vec<(f64, f64)>,
     /// CPU time per answer of the processes underneath, over the wave ([`CpuMeter`]).
     pub cpu: Option<CpuPerAnswer>,
+    /// What happened underneath ([`crate::probe::Probe`]), where it was read.
+    pub underneath: Option<Value>,
 }
 
 /// Milliseconds of CPU time per answer over one wave: the broker's, this process's (the
@@ -82,6 +84,7 @@ impl Wave {
             latency: Histogram::new_with_bounds(1, 3_600_000_000, 3).expect("valid bounds"),
             points: Vec::with_capacity(expected),
             cpu: None,
+            underneath: None,
         }
     }
 
@@ -140,6 +143,7 @@ impl Wave {
             "throughput_per_s": self.throughput(),
             "latency_ms": percentiles(&self.latency),
             "cpu_ms_per_answer": self.cpu,
+            "underneath": self.underneath,
         })
     }
 }

@@ -180,6 +180,26 @@ impl Report {
                 );
             }
             md.push('\n');
+            let under: Vec<_> = self
+                .waves
+                .iter()
+                .filter(|w| !w["underneath"].is_null())
+                .collect();
+            if !under.is_empty() {
+                let _ = writeln!(
+                    md,
+                    "### Underneath each wave\n\nThe fleet since the previous wave ended, the node over the wave, the broker at its end.\n"
+                );
+                for w in under {
+                    let _ = writeln!(
+                        md,
+                        "- {}: `{}`",
+                        w["name"].as_str().unwrap_or("?"),
+                        w["underneath"]
+                    );
+                }
+                md.push('\n');
+            }
         }
         if !self.phases.is_empty() {
             let _ = writeln!(md, "## Phases\n");

@@ -64,6 +64,11 @@ pub fn run_prefix() -> String {
     format!("lt{:08x}", rand::thread_rng().gen::<u32>())
 }
 
+/// Whether `p` is of the form [`run_prefix`] makes.
+pub fn is_run_prefix(p: &str) -> bool {
+    p.len() == 10 && p.starts_with("lt") && p[2..].bytes().all(|b| b.is_ascii_hexdigit())
+}
+
 /// A child process killed (SIGKILL) when dropped.
 pub struct NodeProc {
     pub id: u64,
@@ -509,7 +514,16 @@ pub async fn cleanup(broker: &Broker, prefix: &str, users: Vec<String>) {
         return;
     }
     let (mut nq, mut ne, mut failed) = (0, 0, 0);
-    let deadline = Instant::now() + Duration::from_secs(300);
+    // Five minutes, and 20 ms more per queue: a fixed five minutes left 11,814 of two 50,000-host
+    // runs' queues behind (2026-11-28), which loaded the broker under every later run.
+    let deadline = match prefixed_objects(broker, prefix).await {
+        Ok(l) => {
+            Instant::now()
+                + Duration::from_secs(300)
+                + Duration::from_millis(20) * l.queues.len() as u32
+        }
+        Err(_) => Instant::now() + Duration::from_secs(300),
+    };
     for pass in 0..3 {
         let listed = match prefixed_objects(broker, prefix).await {
             Ok(listed) => listed,
@@ -606,6 +620,67 @@ async fn delete_each(bus: Bus, names: Vec<String>, kind: Kind) -> usize {
     failed
 }
 
+/// The queues a load-test run left on the broker (its cleanup was interrupted or timed out).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Leftover {
+    pub prefix: String,
+    pub queues: usize,
+    /// Queues with a consumer: a run (or its node) still going, not to be touched.
+    pub consumed: usize,
+    /// Connections of the run's own users (`<prefix>-fleet`, `<prefix>-enroll`): a run still
+    /// going, possibly enrolling, when its host queues have no consumer yet.
+    pub connections: usize,
+}
+
+impl Leftover {
+    /// Nothing of the run is connected: what is left is what its cleanup did not delete.
+    pub fn idle(&self) -> bool {
+        self.consumed == 0 && self.connections == 0
+    }
+}
+
+/// The queues of load-test runs (`lt` and 8 hex digits, [`run_prefix`]) on the broker, by prefix.
+pub async fn leftovers(broker: &Broker) -> anyhow::Result<Vec<Leftover>> {
+    let b = broker.clone();
+    let (queues, conns) = tokio::task::spawn_blocking(move || -> anyhow::Result<(Value, Value)> {
+        Ok((
+            b.mgmt_get("/api/queues/%2F?columns=name,consumers")?,
+            b.mgmt_get("/api/connections?columns=user")?,
+        ))
+    })
+    .await??;
+    Ok(group_leftovers(&queues, &conns))
+}
+
+fn group_leftovers(queues: &Value, connections: &Value) -> Vec<Leftover> {
+    let mut by: std::collections::BTreeMap<&str, Leftover> = Default::default();
+    for q in queues.as_array().into_iter().flatten() {
+        let Some(prefix) = q["name"].as_str().and_then(|n| n.split('.').next()) else {
+            continue;
+        };
+        if !is_run_prefix(prefix) {
+            continue;
+        }
+        let l = by.entry(prefix).or_insert_with(|| Leftover {
+            prefix: prefix.to_owned(),
+            queues: 0,
+            consumed: 0,
+            connections: 0,
+        });
+        l.queues += 1;
+        if q["consumers"].as_u64().unwrap_or(0) > 0 {
+            l.consumed += 1;
+        }
+    }
+    for c in connections.as_array().into_iter().flatten() {
+        let user = c["user"].as_str().unwrap_or("");
+        if let Some(l) = user.split('-').next().and_then(|p| by.get_mut(p)) {
+            l.connections += 1;
+        }
+    }
+    by.into_values().collect()
+}
+
 /// The queues and exchanges under a run's prefix.
 struct Prefixed {
     queues: Vec<String>,
@@ -671,6 +746,40 @@ pub fn names(prefix: &str) -> anyhow::Result<Names> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn leftovers_are_grouped_by_run_prefix() {
+        let v = json!([
+            {"name": "lt0123abcd.agent.x", "consumers": 0},
+            {"name": "lt0123abcd.shard.1", "consumers": 1},
+            {"name": "lt0123abcd.agent.y"},
+            {"name": "ltzzzzzzzz.agent.x", "consumers": 0},
+            {"name": "comodit.agent.x", "consumers": 0},
+            {"name": "lt00000001.agent.x", "consumers": 0},
+            {"name": "lt00000002.agent.x", "consumers": 0},
+        ]);
+        let c =
+            json!([{"user": "guest"}, {"user": "lt00000002-enroll"}, {"user": "lt0123abcd-fleet"}]);
+        let l = group_leftovers(&v, &c);
+        let line = |l: &Leftover| {
+            (
+                l.prefix.clone(),
+                l.queues,
+                l.consumed,
+                l.connections,
+                l.idle(),
+            )
+        };
+        assert_eq!(
+            l.iter().map(line).collect::<Vec<_>>(),
+            vec![
+                ("lt00000001".into(), 1, 0, 0, true),
+                // Enrolling: its host queues have no consumer yet, its enrollment user is connected.
+                ("lt00000002".into(), 1, 0, 1, false),
+                ("lt0123abcd".into(), 3, 1, 1, false),
+            ]
+        );
+    }
 
     #[test]
     fn metrics_are_summed_over_labels() {

@@ -296,11 +296,28 @@ fn a_job_with_its_bare_ceiling_interleaved_on_the_same_fleet() {
             w["cpu_ms_per_answer"]["node_ms"].as_f64().unwrap() > 0.0,
             "{w}"
         );
+        // Underneath: one command per host reached the fleet (the node's restart before the
+        // wave sent none), the node sent each once, and the broker was read.
+        let u = &w["underneath"];
+        assert_eq!(u["fleet"]["commands"], HOSTS, "{u}");
+        assert_eq!(u["fleet"]["duplicates"], 0, "{u}");
+        assert_eq!(u["fleet"]["connects"], 0, "{u}");
+        assert_eq!(u["node"]["dispatched_first"], HOSTS, "{u}");
+        assert_eq!(u["node"]["dispatched_resend"], 0, "{u}");
+        assert_eq!(u["node"]["replies_ok"], HOSTS, "{u}");
+        assert!(
+            u["broker"]["memory_mib"]["total_rss"].as_f64().unwrap() > 0.0,
+            "{u}"
+        );
     }
     for name in ["bare_unicast 1/2", "bare_unicast 2/2", "bare_broadcast"] {
         let w = wave(&r, name);
         assert_eq!(w["answered"], HOSTS, "{w}");
         assert!(w["cpu_ms_per_answer"]["node_ms"].is_null(), "{w}");
+        let u = &w["underneath"];
+        assert_eq!(u["fleet"]["commands"], HOSTS, "{u}");
+        assert_eq!(u["fleet"]["replies"], HOSTS, "{u}");
+        assert!(u.get("node").is_none(), "{u}");
     }
     let bare = phase(&r, "bare");
     assert_eq!(bare["interleaved"], true, "{bare}");
@@ -372,4 +389,59 @@ fn failover_counts_every_host_after_a_member_is_killed() {
     assert_eq!(c["second_command_same_host"], 0, "{c}");
     let f = figure(&r, "from the kill until the last host answered");
     assert!(f["value"].as_f64().unwrap() >= 0.0, "{f}");
+}
+
+/// A management API call as guest; the status code.
+fn mgmt(method: &str, path: &str, body: Option<&str>) -> u16 {
+    let url = format!("http://127.0.0.1:15672{path}");
+    let auth = comodit_bus::admin::basic_auth("guest", "guest");
+    let agent: ureq::Agent = ureq::Agent::config_builder()
+        .http_status_as_error(false)
+        .timeout_global(Some(Duration::from_secs(30)))
+        .build()
+        .into();
+    let r = match (method, body) {
+        ("PUT", Some(b)) => agent
+            .put(&url)
+            .header("Authorization", &auth)
+            .content_type("application/json")
+            .send(b),
+        ("GET", _) => agent.get(&url).header("Authorization", &auth).call(),
+        ("DELETE", _) => agent.delete(&url).header("Authorization", &auth).call(),
+        _ => unreachable!(),
+    };
+    r.expect("management API answers").status().as_u16()
+}
+
+#[test]
+fn cleanup_deletes_the_named_runs_queues_and_no_other() {
+    // Two "runs" that left a queue each: only the named one goes.
+    let prefixes: Vec<String> = (0..2)
+        .map(|_| format!("lt{:08x}", rand::random::<u32>()))
+        .collect();
+    let queue = |p: &str| format!("/api/queues/%2F/{p}.agent.{}", uuid::Uuid::new_v4());
+    let queues: Vec<String> = prefixes.iter().map(|p| queue(p)).collect();
+    for q in &queues {
+        assert_eq!(mgmt("PUT", q, Some(r#"{"durable":true}"#)), 201, "{q}");
+    }
+    let out = Command::new(env!("CARGO_BIN_EXE_comodit-loadtest"))
+        .args(["cleanup", "--prefix", &prefixes[0]])
+        .output()
+        .expect("comodit-loadtest cleanup runs");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert!(
+        stderr.contains(&format!("cleanup {}: ", prefixes[0])),
+        "{stderr}"
+    );
+    assert_eq!(mgmt("GET", &queues[0], None), 404, "{stderr}");
+    assert_eq!(mgmt("GET", &queues[1], None), 200, "{stderr}");
+    // Not a run's prefix: refused, nothing deleted.
+    let out = Command::new(env!("CARGO_BIN_EXE_comodit-loadtest"))
+        .args(["cleanup", "--prefix", "comodit"])
+        .output()
+        .expect("comodit-loadtest cleanup runs");
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("not a load-test run's prefix"));
+    assert_eq!(mgmt("DELETE", &queues[1], None), 204);
 }
