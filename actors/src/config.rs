@@ -6,7 +6,8 @@ use std::time::Duration;
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ActorsConfig {
     /// Re-send a dispatched change (same command id) when no reply came within this time, while
-    /// the host is online. Default 60 s.
+    /// the host is online; longer when the round trips the node measures call for it (SRTT +
+    /// 4·RTTVAR, at most ten times this: `crate::rto`). Default 60 s.
     pub command_timeout: Duration,
     /// How many times a dispatched change is re-sent after the first send; then it waits for its
     /// reply or its expiry. Default 5.

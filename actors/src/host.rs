@@ -428,7 +428,7 @@ impl HostState {
             // Try the load again soon.
             return now_ms().saturating_add(ms(self.core.config.requeue_delay));
         }
-        let mut due = self.pending.next_due(self.online, self.core.timing);
+        let mut due = self.pending.next_due(self.online, self.core.timing_now());
         if self.online {
             if let Some(silence) = self.core.config.silence_ms() {
                 due = due.min(self.heard_ms.saturating_add(silence));
@@ -630,7 +630,7 @@ impl HostState {
         let stored = self.check(core.store.pending_changes(self.host).await)?;
         let now = now_ms();
         self.pending = PendingList::default();
-        self.pending.sync(&stored, now, core.timing);
+        self.pending.sync(&stored, now);
         match runtime {
             Some(rt) => {
                 self.online = rt.online;
@@ -770,7 +770,7 @@ impl HostState {
         if online_after != was_online {
             self.online = online_after;
             if online_after {
-                self.pending.host_online(now, self.core.timing);
+                self.pending.host_online(now);
                 info!("host online");
                 self.core.emit(NodeEvent::HostOnline { host: self.host });
             } else {
@@ -812,6 +812,9 @@ impl HostState {
         metrics::counter!(m::REPLIES, "status" => label).increment(1);
         if let Some(t0) = p.first_sent_ms {
             metrics::histogram!(m::ROUND_TRIP).record((now - t0).max(0) as f64 / 1000.0);
+            if p.timed && p.sends == 1 {
+                core.round_trips.sample(now - t0);
+            }
         }
         info!(change = %p.change, command_id = %p.command, status = status_name(status), "reply recorded");
         self.finished(&change);
@@ -821,7 +824,7 @@ impl HostState {
     async fn sync_pending(&mut self, now: i64) -> Result<Vec<Change>, Fail> {
         let core = self.core.clone();
         let stored = self.check(core.store.pending_changes(self.host).await)?;
-        self.pending.sync(&stored, now, core.timing);
+        self.pending.sync(&stored, now);
         Ok(stored)
     }
 
@@ -831,7 +834,7 @@ impl HostState {
     async fn dispatch_due(&mut self, epoch: Epoch, fetched: &[Change]) -> Flow {
         let now = now_ms();
         let mut sending = true;
-        for due in self.pending.due(now, self.online, self.core.timing) {
+        for due in self.pending.due(now, self.online, self.core.timing_now()) {
             let step = match due {
                 Due::Expire(id) => self.expire(id, epoch).await,
                 Due::Send(id) if sending => self.send(id, epoch, fetched, false, now).await,

@@ -37,8 +37,10 @@
 //!   re-reads the change log.
 //! - **Dispatch does not wait for the host to be online**: commands wait in the host's durable
 //!   queue. Re-sends (same command id) happen only while the host is online, after
-//!   [`ActorsConfig::command_timeout`], at most [`ActorsConfig::max_retries`] times; coming
-//!   online restarts the timeout. After that the change waits for its reply or its expiry.
+//!   [`ActorsConfig::command_timeout`] or the longer timeout the measured round trips call for
+//!   (`rto`: replies queued behind a 50,000-host wave are not re-sent for), at most
+//!   [`ActorsConfig::max_retries`] times; coming online restarts the timeout. After that the
+//!   change waits for its reply or its expiry.
 //! - **One sweep per shard**, not a timer per host: each actor publishes its next deadline in an
 //!   atomic; the shard task pokes the actors whose deadline passed.
 //! - **Heartbeats are cheap**: `last_seen` lives in memory and is written to the store at most
@@ -56,6 +58,7 @@ pub mod metrics;
 pub mod ownership;
 pub mod pending;
 mod presence;
+mod rto;
 mod runtime;
 mod shard;
 mod ticket;

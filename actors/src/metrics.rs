@@ -8,6 +8,7 @@
 //! | `comodit_node_commands_dispatched_total` | counter | `attempt` = `first` or `resend` |
 //! | `comodit_node_replies_total` | counter | `status` (`ok`, `failed`, `rejected`, `expired`, `unknown`) |
 //! | `comodit_node_command_round_trip_seconds` | histogram | (first dispatch → reply) |
+//! | `comodit_node_resend_timeout_seconds` | gauge | (the re-send timeout now, adapted to the round trips: `rto`) |
 //! | `comodit_node_changes_expired_total` | counter | |
 //! | `comodit_node_stale_epoch_total` | counter | (fenced writes refused by the store) |
 //! | `comodit_node_store_errors_total` | counter | |
@@ -20,6 +21,7 @@ pub const REJECTED: &str = "comodit_node_rejected_messages_total";
 pub const DISPATCHED: &str = "comodit_node_commands_dispatched_total";
 pub const REPLIES: &str = "comodit_node_replies_total";
 pub const ROUND_TRIP: &str = "comodit_node_command_round_trip_seconds";
+pub const RESEND_TIMEOUT: &str = "comodit_node_resend_timeout_seconds";
 pub const EXPIRED: &str = "comodit_node_changes_expired_total";
 pub const STALE_EPOCH: &str = "comodit_node_stale_epoch_total";
 pub const STORE_ERRORS: &str = "comodit_node_store_errors_total";

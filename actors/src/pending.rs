@@ -38,8 +38,15 @@ pub struct Pending {
     pub sends: u32,
     /// When it was first sent (ms), for the round-trip histogram.
     pub first_sent_ms: Option<i64>,
-    /// Queued: when to try to send. Dispatched: when to re-send if no reply came.
+    /// The first send was this actor's (not read from the store as dispatched): its reply, if
+    /// it answers the only send, times a round trip for the re-send timeout (`rto`).
+    pub timed: bool,
+    /// Queued: when to try to send.
     pub next_ms: i64,
+    /// Dispatched: the re-send timeout counts from here (the last send, the host coming back
+    /// online, or reading it from the store). The timeout itself is the caller's [`Timing`] of
+    /// the moment, so one that grew since the send (the node's round trips grew) postpones it.
+    pub resend_from_ms: i64,
     pub expires_ms: i64,
 }
 
@@ -74,7 +81,7 @@ impl PendingList {
     /// their schedule, new ones are added (queued: send now; dispatched by an earlier owner or
     /// run of the node: re-send after a timeout), and entries the store no longer lists as
     /// pending are dropped.
-    pub fn sync(&mut self, stored: &[Change], now_ms: i64, t: Timing) {
+    pub fn sync(&mut self, stored: &[Change], now_ms: i64) {
         let mut next = Vec::with_capacity(stored.len());
         for c in stored.iter().filter(|c| c.status.is_pending()) {
             if let Some(known) = self.0.iter().find(|p| p.change == c.id) {
@@ -90,11 +97,9 @@ impl PendingList {
                 record_ms: NEVER,
                 sends: u32::from(dispatched),
                 first_sent_ms: dispatched.then(|| c.updated_at.timestamp_millis()),
-                next_ms: if dispatched {
-                    now_ms.saturating_add(t.command_timeout_ms)
-                } else {
-                    now_ms
-                },
+                timed: false,
+                next_ms: now_ms,
+                resend_from_ms: now_ms,
                 expires_ms: c.expires_at.timestamp_millis(),
             });
         }
@@ -129,7 +134,7 @@ impl PendingList {
                     Some(Due::Expire(p.change))
                 } else if !p.dispatched && p.next_ms <= now_ms {
                     Some(Due::Send(p.change))
-                } else if p.dispatched && may_resend(p, online, t) && p.next_ms <= now_ms {
+                } else if p.dispatched && may_resend(p, online, t) && resend_at(p, t) <= now_ms {
                     Some(Due::Resend(p.change))
                 } else if p.dispatched && p.record_ms <= now_ms {
                     Some(Due::Record(p.change))
@@ -145,8 +150,10 @@ impl PendingList {
         self.0
             .iter()
             .map(|p| {
-                let send = if !p.dispatched || may_resend(p, online, t) {
+                let send = if !p.dispatched {
                     p.next_ms
+                } else if may_resend(p, online, t) {
+                    resend_at(p, t)
                 } else {
                     NEVER
                 };
@@ -163,11 +170,12 @@ impl PendingList {
             if p.sends == 0 {
                 // The first send of a change the store still has as queued.
                 p.record_ms = now_ms.saturating_add(t.record_delay_ms);
+                p.timed = p.first_sent_ms.is_none();
             }
             p.dispatched = true;
             p.sends = p.sends.saturating_add(1);
             p.first_sent_ms.get_or_insert(now_ms);
-            p.next_ms = now_ms.saturating_add(t.command_timeout_ms);
+            p.resend_from_ms = now_ms;
         }
     }
 
@@ -196,15 +204,21 @@ impl PendingList {
 
     /// The host came (back) online: give it a full timeout to answer what waited in its queue
     /// before anything is re-sent.
-    pub fn host_online(&mut self, now_ms: i64, t: Timing) {
+    /// Its reply then no longer times a round trip: the wait included the time offline.
+    pub fn host_online(&mut self, now_ms: i64) {
         for p in self.0.iter_mut().filter(|p| p.dispatched) {
-            p.next_ms = now_ms.saturating_add(t.command_timeout_ms);
+            p.resend_from_ms = now_ms;
+            p.timed = false;
         }
     }
 }
 
 fn may_resend(p: &Pending, online: bool, t: Timing) -> bool {
     online && p.sends <= t.max_retries
+}
+
+fn resend_at(p: &Pending, t: Timing) -> i64 {
+    p.resend_from_ms.saturating_add(t.command_timeout_ms)
 }
 
 #[cfg(test)]
@@ -246,7 +260,7 @@ mod tests {
             change(1, ChangeStatus::Queued, 10_000),
         );
         let mut l = PendingList::default();
-        l.sync(&[a.clone(), b.clone()], 0, T);
+        l.sync(&[a.clone(), b.clone()], 0);
         assert_eq!(l.due(0, false, T), vec![Due::Send(b.id), Due::Send(a.id)]);
         assert_eq!(l.next_due(false, T), 0);
     }
@@ -255,7 +269,7 @@ mod tests {
     fn resends_wait_for_timeout_and_online_and_stop_at_max() {
         let c = change(1, ChangeStatus::Queued, 100_000);
         let mut l = PendingList::default();
-        l.sync(std::slice::from_ref(&c), 0, T);
+        l.sync(std::slice::from_ref(&c), 0);
         l.sent(c.id, 0, T);
         assert_eq!(l.due(300, true, T), vec![Due::Record(c.id)]);
         l.recorded(c.id);
@@ -279,16 +293,40 @@ mod tests {
     }
 
     #[test]
+    fn a_timeout_that_grew_since_the_send_postpones_the_resend() {
+        let c = change(1, ChangeStatus::Queued, 100_000);
+        let mut l = PendingList::default();
+        l.sync(std::slice::from_ref(&c), 0);
+        l.sent(c.id, 0, T);
+        l.recorded(c.id);
+        // Round trips grew to 5 s meanwhile: the reply may well be on its way.
+        let slow = Timing {
+            command_timeout_ms: 5_000,
+            ..T
+        };
+        assert!(l.due(1_000, true, slow).is_empty());
+        assert_eq!(l.next_due(true, slow), 5_000);
+        assert_eq!(l.due(5_000, true, slow), vec![Due::Resend(c.id)]);
+        // And one that shrank brings it forward again.
+        assert_eq!(l.due(1_000, true, T), vec![Due::Resend(c.id)]);
+    }
+
+    #[test]
     fn failed_publishes_are_retried_later_and_online_resets_deadlines() {
         let c = change(1, ChangeStatus::Queued, 100_000);
         let mut l = PendingList::default();
-        l.sync(std::slice::from_ref(&c), 0, T);
+        l.sync(std::slice::from_ref(&c), 0);
         l.send_failed(c.id, 0, T);
         assert!(l.due(99, false, T).is_empty());
         assert_eq!(l.due(100, false, T), vec![Due::Send(c.id)]);
         l.sent(c.id, 100, T);
         l.recorded(c.id);
-        l.host_online(5_000, T);
+        assert!(l.get(c.id).unwrap().timed, "sent by this actor");
+        l.host_online(5_000);
+        assert!(
+            !l.get(c.id).unwrap().timed,
+            "the wait included time offline"
+        );
         assert!(l.due(5_999, true, T).is_empty());
         assert_eq!(l.due(6_000, true, T), vec![Due::Resend(c.id)]);
     }
@@ -297,7 +335,7 @@ mod tests {
     fn a_dispatch_is_recorded_only_when_no_reply_came_within_the_delay() {
         let c = change(1, ChangeStatus::Queued, 100_000);
         let mut l = PendingList::default();
-        l.sync(std::slice::from_ref(&c), 0, T);
+        l.sync(std::slice::from_ref(&c), 0);
         assert_eq!(l.get(c.id).unwrap().record_ms, NEVER, "nothing sent yet");
         l.sent(c.id, 1_000, T);
         assert!(l.due(1_299, true, T).is_empty());
@@ -317,13 +355,13 @@ mod tests {
         assert_eq!(l.next_due(true, T), 3_000);
         // Answered in time: removed, nothing left to record.
         let d = change(2, ChangeStatus::Queued, 100_000);
-        l.sync(&[c.clone(), d.clone()], 2_000, T);
+        l.sync(&[c.clone(), d.clone()], 2_000);
         l.sent(d.id, 2_000, T);
         l.remove(d.id);
         assert!(l.due(2_999, true, T).is_empty());
         // Read from the store as dispatched: already recorded, also after a re-send.
         let e = change(3, ChangeStatus::Dispatched, 100_000);
-        l.sync(&[c, e.clone()], 2_000, T);
+        l.sync(&[c, e.clone()], 2_000);
         assert_eq!(l.get(e.id).unwrap().record_ms, NEVER);
         assert!(l.due(2_999, true, T).is_empty());
         l.sent(e.id, 3_000, T);
@@ -335,17 +373,17 @@ mod tests {
         let a = change(1, ChangeStatus::Queued, 100_000);
         let b = change(2, ChangeStatus::Dispatched, 100_000);
         let mut l = PendingList::default();
-        l.sync(std::slice::from_ref(&a), 0, T);
+        l.sync(std::slice::from_ref(&a), 0);
         l.sent(a.id, 0, T);
-        l.sync(&[a.clone(), b.clone()], 10, T);
+        l.sync(&[a.clone(), b.clone()], 10);
         assert!(l.get(a.id).unwrap().dispatched, "memory knows better");
         let pb = l.get(b.id).unwrap();
         assert!(pb.dispatched);
-        assert_eq!(pb.next_ms, 1_010);
+        assert_eq!(pb.resend_from_ms, 10, "re-sent a timeout after it was read");
         assert_eq!(pb.first_sent_ms, Some(500));
         let mut done = a.clone();
         done.status = ChangeStatus::Applied;
-        l.sync(&[done, b.clone()], 20, T);
+        l.sync(&[done, b.clone()], 20);
         assert!(l.get(a.id).is_none());
         assert_eq!(l.by_command(b.command_id).unwrap().change, b.id);
         assert!(l.remove(b.id).is_some());

@@ -53,6 +53,8 @@ pub(crate) struct Core {
     pub ownership: Arc<dyn Ownership>,
     pub n_shards: u32,
     pub timing: Timing,
+    /// The re-send timeout, adapted to the round trips ([`crate::rto`]).
+    pub round_trips: crate::rto::RoundTrips,
     /// The caller's runtime, where all IO runs.
     pub rt: Handle,
     /// Bounds the host actors' work in flight ([`ActorsConfig::max_concurrent_tasks`]).
@@ -72,6 +74,15 @@ pub(crate) struct Core {
 }
 
 impl Core {
+    /// The timing of the moment: the configured one, with the re-send timeout the round trips
+    /// call for ([`crate::rto`]).
+    pub fn timing_now(&self) -> Timing {
+        Timing {
+            command_timeout_ms: self.round_trips.timeout_ms(),
+            ..self.timing
+        }
+    }
+
     pub fn emit(&self, event: NodeEvent) {
         // No subscriber is fine.
         let _ = self.events.send(event);
@@ -231,6 +242,7 @@ impl Orchestrator {
             names,
             ownership,
             n_shards,
+            round_trips: crate::rto::RoundTrips::new(timing.command_timeout_ms),
             timing,
             rt: Handle::current(),
             events: broadcast::channel(EVENTS_CAPACITY).0,

@@ -381,6 +381,58 @@ async fn offline_host_gets_its_command_once_when_it_comes_back() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slow_round_trips_stretch_the_resend_timeout() {
+    init_logs();
+    // Configured: re-send after 1 s without a reply.
+    let mut node = Node::new(|c| c.command_timeout = Duration::from_secs(1)).await;
+    let (host, pw) = node.add_host().await;
+    // No hello yet: the node has the host offline, so it does not re-send the first command
+    // while it waits (a re-sent command's reply times no round trip).
+    let mut agent = node.agent(host, &pw).await;
+    // The first command is answered after 3 s: a round trip of 3 s, so the node now waits
+    // SRTT + 4 RTTVAR = 3 + 4 × 1.5 = 9 s before a re-send. The reply brings the host online.
+    let Submitted::Pending(first) = node.orch().submit(host, ping(), opts(None)).await.unwrap()
+    else {
+        panic!()
+    };
+    let cmd = agent.command().await;
+    assert_eq!(cmd.id, first.command_id);
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    agent.reply_ok(&cmd).await;
+    node.wait_for_status(host, first.id, ChangeStatus::Applied)
+        .await;
+    // The second one is not answered: with the configured 1 s it would come again within 2 s
+    // (the sweep runs every second); stretched, it does not within 5 s...
+    let Submitted::Pending(second) = node.orch().submit(host, ping(), opts(None)).await.unwrap()
+    else {
+        panic!()
+    };
+    let cmd = agent.command().await;
+    assert_eq!(cmd.id, second.command_id);
+    let sent = std::time::Instant::now();
+    assert!(
+        agent.next_command(Duration::from_secs(5)).await.is_none(),
+        "re-sent within 5 s of the first send"
+    );
+    // ... but it still does, with the same command id, once the stretched timeout passed.
+    let again = agent
+        .next_command(Duration::from_secs(10))
+        .await
+        .expect("a re-send after the stretched timeout");
+    assert_eq!(again.id, second.command_id);
+    assert!(
+        sent.elapsed() >= Duration::from_secs(8),
+        "{:?}",
+        sent.elapsed()
+    );
+    agent.reply_ok(&again).await;
+    node.wait_for_status(host, second.id, ChangeStatus::Applied)
+        .await;
+    agent.disconnect().await;
+    node.finish().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn hello_marks_online_and_stores_facts_and_bye_marks_offline() {
     init_logs();
     let mut node = Node::new(|_| {}).await;
