@@ -1,7 +1,8 @@
 //! What happened underneath a wave, beside its figures: the fleet's counts since the previous
 //! wave ended (commands, duplicates, reconnects), the node's dispatches over the wave (first
 //! sends, re-sends after its command timeout, stale replies, log re-reads) and, at its end, the
-//! broker's memory and the messages still in its queues.
+//! broker's memory by category. (The messages left in queues are not read: with the management
+//! statistics off, ARCHITECTURE §22, the broker's totals are absent.)
 //!
 //! Best effort: a part that cannot be read is left out of the wave's `underneath` object (and
 //! said so there), never made up. These are what tell a slow wave's cause apart: re-sends mean
@@ -107,7 +108,7 @@ fn node_delta(before: &str, after: &str) -> Value {
     Value::Object(m)
 }
 
-/// The broker's memory (total and largest categories, MiB) and its queued messages now.
+/// The broker's memory now (total and largest categories, MiB).
 fn broker_now(broker: &Broker) -> anyhow::Result<Value> {
     let overview = broker.mgmt_get("/api/overview")?;
     let node = overview["node"]
@@ -115,11 +116,7 @@ fn broker_now(broker: &Broker) -> anyhow::Result<Value> {
         .ok_or_else(|| anyhow::anyhow!("/api/overview without a node"))?
         .to_owned();
     let memory = broker.mgmt_get(&format!("/api/nodes/{node}/memory"))?;
-    Ok(json!({
-        "memory_mib": memory_top(&memory["memory"], BROKER_MEMORY_TOP),
-        "messages_ready": overview["queue_totals"]["messages_ready"],
-        "messages_unacknowledged": overview["queue_totals"]["messages_unacknowledged"],
-    }))
+    Ok(json!({ "memory_mib": memory_top(&memory["memory"], BROKER_MEMORY_TOP) }))
 }
 
 /// `total` (RSS as the broker counts it) and the `n` largest categories of a

@@ -1134,6 +1134,7 @@ async fn interleaved_bare_wave(
     rig.nodes[0].stop(Duration::from_secs(30));
     let mut w = bare::unicast_on_fleet(on_fleet, &name, &ctx.shutdown).await;
     if let Ok(w) = &mut w {
+        eprintln!("{}", w.done_line());
         let under = probe.wave_ended(counters, None, &ctx.broker).await;
         eprintln!("{name} underneath: {under}");
         w.underneath = Some(under);
@@ -1142,7 +1143,6 @@ async fn interleaved_bare_wave(
     rig::restart_node(&mut rig.nodes[0], &rig.prefix, &ctx.broker, &opts)?;
     sampler.set_node_pids(rig.pids());
     let w = w?;
-    eprintln!("{}", w.done_line());
     let started = Instant::now();
     wait_actors(&rig.apis, on_fleet.hosts.len(), Duration::from_secs(600)).await?;
     eprintln!(
