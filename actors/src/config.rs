@@ -32,8 +32,8 @@ pub struct ActorsConfig {
     pub sweep_interval: Duration,
     /// How often each shard asks the store which of its hosts have pending changes, so that a
     /// change whose kick never came (the node that recorded it died first, or could not publish
-    /// it) is sent anyway. Actors that already track pending work are not disturbed; the others
-    /// read their log. Default 60 s.
+    /// it) is sent anyway. Actors that already track pending work, or read their log or finished
+    /// a change since the listing, are not disturbed; the others read their log. Default 60 s.
     pub pending_recheck: Duration,
     /// How long a delivery whose effect could not be made durable (store error, lease lost) is
     /// held before it is put back in its queue. Default 1 s.

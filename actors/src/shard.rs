@@ -303,6 +303,7 @@ async fn recheck_pending(core: Arc<Core>, srt: Arc<ShardRt>) {
     if core.ownership.epoch(srt.shard).is_none() {
         return;
     }
+    let listed_at_ms = now_ms();
     match core.store.hosts_with_pending_changes(srt.shard.0).await {
         Ok(hosts) => {
             for host in hosts {
@@ -310,7 +311,7 @@ async fn recheck_pending(core: Arc<Core>, srt: Arc<ShardRt>) {
                     return;
                 }
                 // Waits for room in the mailbox rather than dropping the recheck.
-                let _ = srt.actor(&core, host).send(Recheck).await;
+                let _ = srt.actor(&core, host).send(Recheck { listed_at_ms }).await;
             }
         }
         Err(e) => warn!(shard = %srt.shard, error = %e, "cannot list the shard's pending changes"),
