@@ -515,7 +515,7 @@ pub async fn cleanup(broker: &Broker, prefix: &str, users: Vec<String>) {
     }
     let (mut nq, mut ne, mut failed) = (0, 0, 0);
     // Five minutes, and 20 ms more per queue: a fixed five minutes left 11,814 of two 50,000-host
-    // runs' queues behind (2026-11-28), which loaded the broker under every later run.
+    // runs' queues behind (2026-11-29), which loaded the broker under every later run.
     let deadline = match prefixed_objects(broker, prefix).await {
         Ok(l) => {
             Instant::now()

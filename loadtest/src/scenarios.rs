@@ -291,7 +291,6 @@ pub(crate) fn read_token(node: &NodeProc) -> anyhow::Result<String> {
         .to_owned())
 }
 
-/// Enrolls `ctx.c.hosts` hosts through the real path; records the phase in the report.
 /// Warns (stderr and a report note) about queues earlier runs left on the broker: idle host
 /// queues cost it CPU (about 1.1 % of a core per 1,000) under every figure of this run.
 pub async fn note_leftovers(ctx: &mut Ctx) {
@@ -317,7 +316,8 @@ pub async fn note_leftovers(ctx: &mut Ctx) {
     }
 }
 
-/// `cleanup`: deletes the named run prefixes, or every run prefix with no consumer on any queue.
+/// `cleanup`: deletes the named run prefixes, or every run prefix with nothing connected (no
+/// consumer on any of its queues, none of its users connected).
 pub async fn cleanup_leftovers(c: &Common, named: &[String]) -> anyhow::Result<()> {
     let broker = c.broker();
     let found = rig::leftovers(&broker).await?;
@@ -351,6 +351,7 @@ pub async fn cleanup_leftovers(c: &Common, named: &[String]) -> anyhow::Result<(
     Ok(())
 }
 
+/// Enrolls `ctx.c.hosts` hosts through the real path; records the phase in the report.
 pub(crate) async fn enroll_phase(
     ctx: &mut Ctx,
     rig: &mut Rig,
