@@ -12,6 +12,14 @@ use comodit_actors::{HostOps, NodeEvent, OpsError, SubmitOptions, Submitted};
 use comodit_protocol::*;
 use comodit_store::{Change, ChangeId, ChangeStatus, HostRuntime, StoreError};
 
+/// A ping submitted without waiting: the change recorded for it, pending.
+async fn submit_ping(node: &Node, host: HostId) -> Change {
+    match node.orch().submit(host, ping(), opts(None)).await.unwrap() {
+        Submitted::Pending(change) => change,
+        other => panic!("a ping submitted without waiting is pending: {other:?}"),
+    }
+}
+
 fn opts(wait: Option<Duration>) -> SubmitOptions {
     SubmitOptions {
         wait,
@@ -391,10 +399,7 @@ async fn slow_round_trips_stretch_the_resend_timeout() {
     let mut agent = node.agent(host, &pw).await;
     // The first command is answered after 3 s: a round trip of 3 s, so the node now waits
     // SRTT + 4 RTTVAR = 3 + 4 × 1.5 = 9 s before a re-send. The reply brings the host online.
-    let Submitted::Pending(first) = node.orch().submit(host, ping(), opts(None)).await.unwrap()
-    else {
-        panic!()
-    };
+    let first = submit_ping(&node, host).await;
     let cmd = agent.command().await;
     assert_eq!(cmd.id, first.command_id);
     tokio::time::sleep(Duration::from_secs(3)).await;
@@ -403,10 +408,7 @@ async fn slow_round_trips_stretch_the_resend_timeout() {
         .await;
     // The second one is not answered: with the configured 1 s it would come again within 2 s
     // (the sweep runs every second); stretched, it does not within 5 s...
-    let Submitted::Pending(second) = node.orch().submit(host, ping(), opts(None)).await.unwrap()
-    else {
-        panic!()
-    };
+    let second = submit_ping(&node, host).await;
     let cmd = agent.command().await;
     assert_eq!(cmd.id, second.command_id);
     let sent = std::time::Instant::now();
@@ -662,10 +664,7 @@ async fn a_restarted_node_resumes_queued_and_dispatched_changes() {
     let mut node = Node::new(|c| c.command_timeout = Duration::from_secs(1)).await;
     let (host, pw) = node.add_host().await;
     // Dispatched by the first run, never answered (the agent is away).
-    let Submitted::Pending(sent) = node.orch().submit(host, ping(), opts(None)).await.unwrap()
-    else {
-        panic!()
-    };
+    let sent = submit_ping(&node, host).await;
     let queue = node.names.agent_queue(host);
     wait_until("the first command queued at the broker", || {
         comodit_testkit::queue_counts(&queue) == Some((1, 0))
@@ -877,10 +876,7 @@ async fn only_never_sent_changes_can_be_cancelled() {
     comodit_bus::topology::delete_agent_queue(&ch, &node.names, host)
         .await
         .unwrap();
-    let Submitted::Pending(change) = node.orch().submit(host, ping(), opts(None)).await.unwrap()
-    else {
-        panic!()
-    };
+    let change = submit_ping(&node, host).await;
     let cancelled = node.orch().cancel(host, change.id).await.expect("cancel");
     assert_eq!(cancelled.status, ChangeStatus::Cancelled);
     assert!(node.store().pending_changes(host).await.unwrap().is_empty());
@@ -904,10 +900,7 @@ async fn only_never_sent_changes_can_be_cancelled() {
         .await
         .unwrap();
     let mut agent = node.agent(host, &pw).await;
-    let Submitted::Pending(sent) = node.orch().submit(host, ping(), opts(None)).await.unwrap()
-    else {
-        panic!()
-    };
+    let sent = submit_ping(&node, host).await;
     let cmd = agent.command().await;
     assert_eq!(cmd.id, sent.command_id);
     let err = node.orch().cancel(host, sent.id).await.unwrap_err();
@@ -1005,10 +998,7 @@ async fn streamed_output_is_an_event_of_its_change() {
     let (host, pw) = node.add_host().await;
     let mut events = node.events();
     let mut agent = node.agent(host, &pw).await;
-    let Submitted::Pending(change) = node.orch().submit(host, ping(), opts(None)).await.unwrap()
-    else {
-        panic!()
-    };
+    let change = submit_ping(&node, host).await;
     let cmd = agent.command().await;
     agent
         .send(Up::Output(Output {
@@ -1172,10 +1162,7 @@ async fn shards_are_taken_and_handed_over_as_ownership_changes() {
         node.store().get_runtime(host).await.unwrap().unwrap().epoch,
         Epoch(7)
     );
-    let Submitted::Pending(change) = node.orch().submit(host, ping(), opts(None)).await.unwrap()
-    else {
-        panic!()
-    };
+    let change = submit_ping(&node, host).await;
     let cmd = agent.command().await;
     assert_eq!((cmd.id, cmd.epoch), (change.command_id, Epoch(7)));
 

@@ -126,13 +126,7 @@ async fn run_on(
     {
         let ch = driver.channel().await?;
         topology::declare_core(&ch, &names, opts.n_shards).await?;
-        ch.exchange_declare(
-            bcast.as_str().into(),
-            ExchangeKind::Fanout,
-            ExchangeDeclareOptions::default(),
-            FieldTable::default(),
-        )
-        .await?;
+        declare_broadcast(&ch, &bcast).await?;
         for h in &hosts {
             topology::declare_agent_queue(&ch, &names, *h).await?;
             if opts.broadcast {
@@ -186,7 +180,7 @@ async fn run_on(
             opts.hosts,
             setup.as_secs_f64()
         );
-        let mut probe = crate::probe::Probe::new(&fleet.counters);
+        let mut probe = crate::probe::Probe::new(fleet.counters.clone());
         let mut unicasts = Vec::new();
         for i in 0..opts.waves.max(1) {
             let name = crate::measure::wave_name("bare_unicast", i, opts.waves);
@@ -201,14 +195,14 @@ async fn run_on(
             )
             .await?;
             eprintln!("{}", w.done_line());
-            w.underneath = Some(probe.wave_ended(&fleet.counters, None, broker).await);
+            w.underneath = Some(probe.wave_ended(None, broker).await);
             unicasts.push(w);
         }
         let broadcast = if opts.broadcast {
             let mut w =
                 broadcast(&driver, &bcast, &hosts, &opts.body, &replies, opts.deadline).await?;
             eprintln!("{}", w.done_line());
-            w.underneath = Some(probe.wave_ended(&fleet.counters, None, broker).await);
+            w.underneath = Some(probe.wave_ended(None, broker).await);
             Some(w)
         } else {
             None
@@ -229,6 +223,18 @@ async fn run_on(
     fleet.stop().await;
     stop.cancel();
     r
+}
+
+/// Declares the broadcast (fanout) exchange `bcast`.
+async fn declare_broadcast(ch: &comodit_bus::lapin::Channel, bcast: &str) -> anyhow::Result<()> {
+    ch.exchange_declare(
+        bcast.into(),
+        ExchangeKind::Fanout,
+        ExchangeDeclareOptions::default(),
+        FieldTable::default(),
+    )
+    .await?;
+    Ok(())
 }
 
 /// Binds `host`'s queue to the broadcast exchange `bcast`.
@@ -532,13 +538,7 @@ pub async fn broadcast_on_fleet(
     let bcast = format!("{}.bcast", f.names.prefix());
     let r = async {
         let ch = d.bus.channel().await?;
-        ch.exchange_declare(
-            bcast.as_str().into(),
-            ExchangeKind::Fanout,
-            ExchangeDeclareOptions::default(),
-            FieldTable::default(),
-        )
-        .await?;
+        declare_broadcast(&ch, &bcast).await?;
         for h in f.hosts {
             bind_broadcast(&ch, f.names, &bcast, *h).await?;
         }

@@ -9,6 +9,8 @@
 //! replies waited longer than the node's command timeout, duplicates without re-sends mean the
 //! broker delivered a command twice, a growing broker heap means the broker itself slowed down.
 
+use std::sync::Arc;
+
 use serde_json::{json, Map, Value};
 
 use crate::fleet::{Counters, FleetCounts};
@@ -39,6 +41,7 @@ const BROKER_MEMORY_TOP: usize = 6;
 
 /// Follows one fleet from wave to wave.
 pub struct Probe {
+    counters: Arc<Counters>,
     last: FleetCounts,
 }
 
@@ -46,9 +49,10 @@ pub struct Probe {
 pub struct NodeMark(Option<String>);
 
 impl Probe {
-    pub fn new(counters: &Counters) -> Probe {
+    pub fn new(counters: Arc<Counters>) -> Probe {
         Probe {
             last: counters.snapshot(),
+            counters,
         }
     }
 
@@ -65,13 +69,8 @@ impl Probe {
 
     /// The `underneath` object of the wave that just ended: the fleet since the previous wave
     /// ended, the node since `node` was marked (none for a bare wave), the broker now.
-    pub async fn wave_ended(
-        &mut self,
-        counters: &Counters,
-        node: Option<(&Api, NodeMark)>,
-        broker: &Broker,
-    ) -> Value {
-        let now = counters.snapshot();
+    pub async fn wave_ended(&mut self, node: Option<(&Api, NodeMark)>, broker: &Broker) -> Value {
+        let now = self.counters.snapshot();
         let mut out = Map::new();
         out.insert("fleet".into(), json!(now.since(&self.last)));
         self.last = now;

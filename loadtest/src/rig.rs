@@ -514,16 +514,7 @@ pub async fn cleanup(broker: &Broker, prefix: &str, users: Vec<String>) {
         return;
     }
     let (mut nq, mut ne, mut failed) = (0, 0, 0);
-    // Five minutes, and 20 ms more per queue: a fixed five minutes left 11,814 of two 50,000-host
-    // runs' queues behind (2026-11-29), which loaded the broker under every later run.
-    let deadline = match prefixed_objects(broker, prefix).await {
-        Ok(l) => {
-            Instant::now()
-                + Duration::from_secs(300)
-                + Duration::from_millis(20) * l.queues.len() as u32
-        }
-        Err(_) => Instant::now() + Duration::from_secs(300),
-    };
+    let mut deadline: Option<Instant> = None;
     for pass in 0..3 {
         let listed = match prefixed_objects(broker, prefix).await {
             Ok(listed) => listed,
@@ -535,6 +526,14 @@ pub async fn cleanup(broker: &Broker, prefix: &str, users: Vec<String>) {
         if listed.queues.is_empty() && listed.exchanges.is_empty() {
             break;
         }
+        // Five minutes from the first listing, and 20 ms more per queue it found: a fixed five
+        // minutes left 11,814 of two 50,000-host runs' queues behind (2026-11-29), which loaded
+        // the broker under every later run.
+        let deadline = *deadline.get_or_insert_with(|| {
+            Instant::now()
+                + Duration::from_secs(300)
+                + Duration::from_millis(20) * listed.queues.len() as u32
+        });
         if pass > 0 {
             eprintln!(
                 "cleanup {prefix}: {} queues and {} exchanges appeared meanwhile",

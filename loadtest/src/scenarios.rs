@@ -25,7 +25,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::bare::{self, BareOptions, BareResult, Ceiling};
 use crate::enroller::{self, EnrollOptions, Enrolled};
-use crate::fleet::{Counters, Fleet, FleetConfig, Login};
+use crate::fleet::{Fleet, FleetConfig, Login};
 use crate::measure::{mean, median_wave, percentiles, slope, wave_name, CpuMeter, Sampler, Wave};
 use crate::probe::Probe;
 use crate::report::{latency_over_time, Figure, Plot, Report, Series};
@@ -922,13 +922,13 @@ pub async fn api_wave_scenario(ctx: &mut Ctx, op: ApiOp) -> anyhow::Result<()> {
             body: &body,
             deadline: Duration::from_secs(ctx.c.deadline_s.min(1800)),
         };
-        let mut probe = Probe::new(&fleet.counters);
+        let mut probe = Probe::new(fleet.counters.clone());
         for i in 0..n_waves {
             if ctx.c.interleave_bare {
-                let under = (&mut probe, &*fleet.counters);
-                let w =
-                    interleaved_bare_wave(ctx, &mut rig, &sampler, &on_fleet, under, i, n_waves)
-                        .await?;
+                let w = interleaved_bare_wave(
+                    ctx, &mut rig, &sampler, &on_fleet, &mut probe, i, n_waves,
+                )
+                .await?;
                 interleaved.unicasts.push(w);
             }
             let wave_name = wave_name(name, i, n_waves);
@@ -970,7 +970,7 @@ pub async fn api_wave_scenario(ctx: &mut Ctx, op: ApiOp) -> anyhow::Result<()> {
             wave.cpu = Some(meter.end(wave.answered));
             eprintln!("{}", wave.done_line());
             let under = probe
-                .wave_ended(&fleet.counters, Some((rig.api(), node_mark)), &ctx.broker)
+                .wave_ended(Some((rig.api(), node_mark)), &ctx.broker)
                 .await;
             eprintln!("{wave_name} underneath: {under}");
             wave.underneath = Some(under);
@@ -998,7 +998,7 @@ pub async fn api_wave_scenario(ctx: &mut Ctx, op: ApiOp) -> anyhow::Result<()> {
             rig.nodes[0].stop(Duration::from_secs(30));
             let mut w = bare::broadcast_on_fleet(&on_fleet, &ctx.shutdown).await?;
             eprintln!("{}", w.done_line());
-            w.underneath = Some(probe.wave_ended(&fleet.counters, None, &ctx.broker).await);
+            w.underneath = Some(probe.wave_ended(None, &ctx.broker).await);
             interleaved.broadcast = Some(w);
             ctx.report.waves.extend(interleaved.summaries());
             // Each API wave against the bare wave just before it: the drift of the machine's
@@ -1127,7 +1127,7 @@ async fn interleaved_bare_wave(
     rig: &mut Rig,
     sampler: &Sampler,
     on_fleet: &bare::OnFleet<'_>,
-    (probe, counters): (&mut Probe, &Counters),
+    probe: &mut Probe,
     i: usize,
     n: usize,
 ) -> anyhow::Result<Wave> {
@@ -1136,7 +1136,7 @@ async fn interleaved_bare_wave(
     let mut w = bare::unicast_on_fleet(on_fleet, &name, &ctx.shutdown).await;
     if let Ok(w) = &mut w {
         eprintln!("{}", w.done_line());
-        let under = probe.wave_ended(counters, None, &ctx.broker).await;
+        let under = probe.wave_ended(None, &ctx.broker).await;
         eprintln!("{name} underneath: {under}");
         w.underneath = Some(under);
     }

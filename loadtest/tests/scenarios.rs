@@ -391,38 +391,18 @@ fn failover_counts_every_host_after_a_member_is_killed() {
     assert!(f["value"].as_f64().unwrap() >= 0.0, "{f}");
 }
 
-/// A management API call as guest; the status code.
-fn mgmt(method: &str, path: &str, body: Option<&str>) -> u16 {
-    let url = format!("http://127.0.0.1:15672{path}");
-    let auth = comodit_bus::admin::basic_auth("guest", "guest");
-    let agent: ureq::Agent = ureq::Agent::config_builder()
-        .http_status_as_error(false)
-        .timeout_global(Some(Duration::from_secs(30)))
-        .build()
-        .into();
-    let r = match (method, body) {
-        ("PUT", Some(b)) => agent
-            .put(&url)
-            .header("Authorization", &auth)
-            .content_type("application/json")
-            .send(b),
-        ("GET", _) => agent.get(&url).header("Authorization", &auth).call(),
-        ("DELETE", _) => agent.delete(&url).header("Authorization", &auth).call(),
-        _ => unreachable!(),
-    };
-    r.expect("management API answers").status().as_u16()
-}
-
 #[test]
 fn cleanup_deletes_the_named_runs_queues_and_no_other() {
     // Two "runs" that left a queue each: only the named one goes.
     let prefixes: Vec<String> = (0..2)
         .map(|_| format!("lt{:08x}", rand::random::<u32>()))
         .collect();
-    let queue = |p: &str| format!("/api/queues/%2F/{p}.agent.{}", uuid::Uuid::new_v4());
-    let queues: Vec<String> = prefixes.iter().map(|p| queue(p)).collect();
+    let queues: Vec<String> = prefixes
+        .iter()
+        .map(|p| format!("{p}.agent.{}", uuid::Uuid::new_v4()))
+        .collect();
     for q in &queues {
-        assert_eq!(mgmt("PUT", q, Some(r#"{"durable":true}"#)), 201, "{q}");
+        comodit_testkit::declare_queue(q);
     }
     let out = Command::new(env!("CARGO_BIN_EXE_comodit-loadtest"))
         .args(["cleanup", "--prefix", &prefixes[0]])
@@ -434,8 +414,14 @@ fn cleanup_deletes_the_named_runs_queues_and_no_other() {
         stderr.contains(&format!("cleanup {}: ", prefixes[0])),
         "{stderr}"
     );
-    assert_eq!(mgmt("GET", &queues[0], None), 404, "{stderr}");
-    assert_eq!(mgmt("GET", &queues[1], None), 200, "{stderr}");
+    assert!(
+        comodit_testkit::queue_info(&queues[0]).is_none(),
+        "{stderr}"
+    );
+    assert!(
+        comodit_testkit::queue_info(&queues[1]).is_some(),
+        "{stderr}"
+    );
     // Not a run's prefix: refused, nothing deleted.
     let out = Command::new(env!("CARGO_BIN_EXE_comodit-loadtest"))
         .args(["cleanup", "--prefix", "comodit"])
@@ -443,5 +429,6 @@ fn cleanup_deletes_the_named_runs_queues_and_no_other() {
         .expect("comodit-loadtest cleanup runs");
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("not a load-test run's prefix"));
-    assert_eq!(mgmt("DELETE", &queues[1], None), 204);
+    assert!(comodit_testkit::queue_info(&queues[1]).is_some());
+    comodit_testkit::delete_queue(&queues[1]);
 }

@@ -120,6 +120,16 @@ pub fn user_exists(name: &str) -> bool {
     }
 }
 
+/// Declares a durable, idle queue on the test vhost (bound to nothing).
+pub fn declare_queue(name: &str) {
+    let vhost = Url::parse(&amqp_url()).path;
+    mgmt(
+        "PUT",
+        &format!("/api/queues/{vhost}/{}", percent_encode(name)),
+        Some(&serde_json::json!({"durable": true})),
+    );
+}
+
 /// Deletes a queue on the test vhost. A missing queue is fine.
 pub fn delete_queue(name: &str) {
     let vhost = Url::parse(&amqp_url()).path;
