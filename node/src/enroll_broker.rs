@@ -24,6 +24,7 @@ use comodit_bus::admin::BrokerAdmin;
 use comodit_bus::{topology, Bus};
 use comodit_protocol::{HostId, Names};
 use std::sync::Arc;
+use std::time::Instant;
 use tokio::sync::{mpsc, oneshot, Mutex};
 use tracing::{debug, warn};
 
@@ -40,6 +41,9 @@ pub const MAX_BATCH: usize = 4096;
 const STOPPED: &str = "the broker workers stopped";
 /// Broker users made, by how: `import` or `calls`.
 const USERS_METRIC: &str = "comodit_node_enroll_broker_users_total";
+/// How long each step of the broker side took: `import` (one crowd's users), `user` (one
+/// host's three calls), `queue` (one host's queue and binding).
+const STEP_METRIC: &str = "comodit_node_enroll_broker_step_seconds";
 
 struct Job {
     host: HostId,
@@ -124,7 +128,10 @@ async fn import(admin: &BrokerAdmin, names: &Names, batch: &[Job]) -> bool {
         .iter()
         .map(|j| (j.host, j.password.as_str()))
         .collect();
-    match admin.create_agent_users(names, &users).await {
+    let started = Instant::now();
+    let made = admin.create_agent_users(names, &users).await;
+    metrics::histogram!(STEP_METRIC, "step" => "import").record(started.elapsed().as_secs_f64());
+    match made {
         Ok(()) => {
             metrics::counter!(USERS_METRIC, "how" => "import").increment(batch.len() as u64);
             true
@@ -164,12 +171,15 @@ async fn provision(
     user_made: bool,
 ) -> Result<(), String> {
     if !user_made {
+        let started = Instant::now();
         admin
             .create_agent_user(names, job.host, &job.password)
             .await
             .map_err(|e| format!("broker user: {e}"))?;
+        metrics::histogram!(STEP_METRIC, "step" => "user").record(started.elapsed().as_secs_f64());
         metrics::counter!(USERS_METRIC, "how" => "calls").increment(1);
     }
+    let started = Instant::now();
     let ch = match channel.take().filter(|ch| ch.status().connected()) {
         Some(ch) => channel.insert(ch),
         None => channel.insert(bus.channel().await.map_err(|e| format!("queue: {e}"))?),
@@ -177,6 +187,7 @@ async fn provision(
     topology::declare_agent_queue(ch, names, job.host)
         .await
         .map_err(|e| format!("queue: {e}"))?;
+    metrics::histogram!(STEP_METRIC, "step" => "queue").record(started.elapsed().as_secs_f64());
     debug!(host_id = %job.host, user_made, "broker user and queue created");
     Ok(())
 }
@@ -254,6 +265,11 @@ mod tests {
             text.contains(&format!("{USERS_METRIC}{{how=\"calls\"}} 1")),
             "{text}"
         );
+        // Each step timed: the crowd's one import, the lone host's calls, all seven queues.
+        for (step, count) in [("import", 1), ("user", 1), ("queue", 7)] {
+            let line = format!("{STEP_METRIC}_count{{step=\"{step}\"}} {count}");
+            assert!(text.contains(&line), "{line} not in {text}");
+        }
         for (host, password) in crowd.iter().chain([&lone]) {
             assert!(
                 logs_in(&host.to_string(), password, WAIT).await,
