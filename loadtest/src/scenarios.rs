@@ -119,10 +119,11 @@ pub struct Common {
     #[arg(long)]
     pub no_bare: bool,
     /// `apply`, `run`, `job`: measure the bare ceiling on the node's own fleet instead of a fleet
-    /// of its own before it: before each API wave the node is stopped, a bare unicast wave runs
-    /// on the same host and shard queues, and the node is started again; the bare broadcast runs
-    /// last. Both kinds of wave then see the same broker state and, wave by wave, the same
-    /// machine speed (docs/performance.md).
+    /// of its own before it: beside each API wave (before it in pairs 1, 3, ..., after it in
+    /// pairs 2, 4, ...) the node is stopped, a bare unicast wave runs on the same host and shard
+    /// queues, and the node is started again; the bare broadcast runs last. Both kinds of wave
+    /// then see the same broker state and, wave by wave, the same machine speed
+    /// (docs/performance.md).
     #[arg(long, conflicts_with = "no_bare")]
     pub interleave_bare: bool,
     /// Run the node(s) on these CPUs only (a `taskset -c` list such as `1`). With the broker and
@@ -924,7 +925,11 @@ pub async fn api_wave_scenario(ctx: &mut Ctx, op: ApiOp) -> anyhow::Result<()> {
         };
         let mut probe = Probe::new(fleet.counters.clone());
         for i in 0..n_waves {
-            if ctx.c.interleave_bare {
+            // Pairs alternate their order (bare first in even pairs, API first in odd ones), so
+            // that broker work that comes after a fixed number of messages (the quorum queues'
+            // log flush, docs/performance.md) does not always land on the same kind of wave.
+            let bare_first = i % 2 == 0;
+            if ctx.c.interleave_bare && bare_first {
                 let w = interleaved_bare_wave(
                     ctx, &mut rig, &sampler, &on_fleet, &mut probe, i, n_waves,
                 )
@@ -982,6 +987,13 @@ pub async fn api_wave_scenario(ctx: &mut Ctx, op: ApiOp) -> anyhow::Result<()> {
                 "loadtest_cpu_pct": mean(&during, |s| s.self_cpu_pct),
             }));
             waves.push(wave);
+            if ctx.c.interleave_bare && !bare_first {
+                let w = interleaved_bare_wave(
+                    ctx, &mut rig, &sampler, &on_fleet, &mut probe, i, n_waves,
+                )
+                .await?;
+                interleaved.unicasts.push(w);
+            }
         }
         // The node's own view of the wave (round trips, dispatches, store errors), kept beside
         // the report for the analysis.
@@ -1065,9 +1077,10 @@ pub async fn api_wave_scenario(ctx: &mut Ctx, op: ApiOp) -> anyhow::Result<()> {
             .map(|ms| Figure::new("node CPU per answer", ms, "ms"));
         if ctx.c.interleave_bare {
             ctx.report.notes.push(
-                "bare ceiling interleaved: before each API wave the node was stopped, a bare \
+                "bare ceiling interleaved: beside each API wave the node was stopped, a bare \
                  unicast wave ran on its fleet (same host and shard queues), and the node was \
-                 started again; the bare broadcast ran last"
+                 started again; the bare wave came first in pairs 1, 3, ... and second in pairs \
+                 2, 4, ...; the bare broadcast ran last"
                     .into(),
             );
         }
@@ -1121,7 +1134,8 @@ pub async fn api_wave_scenario(ctx: &mut Ctx, op: ApiOp) -> anyhow::Result<()> {
 }
 
 /// `--interleave-bare`: stops the node, runs bare unicast wave `i` on its fleet, starts the node
-/// again and waits until it holds an actor for every host.
+/// again and waits until it holds an actor for every host. Pair `i` runs it before its API wave
+/// when `i` is even, after it when odd.
 async fn interleaved_bare_wave(
     ctx: &Ctx,
     rig: &mut Rig,
