@@ -925,9 +925,10 @@ pub async fn api_wave_scenario(ctx: &mut Ctx, op: ApiOp) -> anyhow::Result<()> {
         };
         let mut probe = Probe::new(fleet.counters.clone());
         for i in 0..n_waves {
-            // Pairs alternate their order (bare first in even pairs, API first in odd ones), so
-            // that broker work that comes after a fixed number of messages (the quorum queues'
-            // log flush, docs/performance.md) does not always land on the same kind of wave.
+            // Pairs alternate their order (bare first in pairs 1, 3, ..., API first in pairs
+            // 2, 4, ...), so that broker work that comes after a fixed number of messages (the
+            // quorum queues' log flush, docs/performance.md) does not always land on the same
+            // kind of wave.
             let bare_first = i % 2 == 0;
             if ctx.c.interleave_bare && bare_first {
                 let w = interleaved_bare_wave(
