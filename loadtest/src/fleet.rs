@@ -249,6 +249,12 @@ impl Counters {
 }
 
 impl FleetCounts {
+    /// Whether every command delivered so far has its reply counted (each gets exactly one,
+    /// unless its publish was given up on).
+    pub fn settled(&self) -> bool {
+        self.replies >= self.commands
+    }
+
     /// What was counted since `before`.
     pub fn since(&self, before: &FleetCounts) -> FleetCounts {
         FleetCounts {
@@ -748,6 +754,18 @@ mod tests {
             with_credentials("amqp://old:x@h/v", "u", "p"),
             "amqp://u:p@h/v"
         );
+    }
+
+    #[test]
+    fn counts_are_settled_once_every_command_has_its_reply() {
+        let mut c = FleetCounts {
+            commands: 200,
+            replies: 199,
+            ..FleetCounts::default()
+        };
+        assert!(!c.settled());
+        c.replies = 200;
+        assert!(c.settled());
     }
 
     fn apply(content: &str, mode: comodit_protocol::ApplyMode) -> Body {

@@ -10,6 +10,7 @@
 //! broker delivered a command twice, a growing broker heap means the broker itself slowed down.
 
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use serde_json::{json, Map, Value};
 
@@ -38,6 +39,8 @@ const NODE_COUNTERS: &[(&str, &str)] = &[
 
 /// Broker memory categories reported per wave (MiB), besides the total.
 const BROKER_MEMORY_TOP: usize = 6;
+/// How long a wave's end waits for the fleet to count the replies it is still publishing.
+const SETTLE_FOR: Duration = Duration::from_secs(2);
 
 /// Follows one fleet from wave to wave.
 pub struct Probe {
@@ -70,7 +73,16 @@ impl Probe {
     /// The `underneath` object of the wave that just ended: the fleet since the previous wave
     /// ended, the node since `node` was marked (none for a bare wave), the broker now.
     pub async fn wave_ended(&mut self, node: Option<(&Api, NodeMark)>, broker: &Broker) -> Value {
-        let now = self.counters.snapshot();
+        // A host counts its reply once the broker confirmed it, which can be after the driver or
+        // the node already had it: without this wait the wave's last replies were counted in the
+        // next wave's window (199 of 200 in one test run). Bounded: a reply given up on never
+        // comes.
+        let until = Instant::now() + SETTLE_FOR;
+        let mut now = self.counters.snapshot();
+        while !now.settled() && Instant::now() < until {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+            now = self.counters.snapshot();
+        }
         let mut out = Map::new();
         out.insert("fleet".into(), json!(now.since(&self.last)));
         self.last = now;
