@@ -70,6 +70,8 @@ pub(crate) struct Live {
     idle_publish_channels: Mutex<Vec<Channel>>,
     /// The most idle channels kept: the connection's publish slots.
     max_idle_publish_channels: usize,
+    /// Channels that carry a direct reply-to consumer, free for the next [`Bus::request`].
+    pub(crate) idle_request_channels: Mutex<Vec<crate::publish::RequestChannel>>,
 }
 
 impl Live {
@@ -256,6 +258,7 @@ async fn connection_task(shared: Arc<Shared>) {
                             conn,
                             idle_publish_channels: Mutex::new(Vec::new()),
                             max_idle_publish_channels: shared.config.max_publishes_in_flight,
+                            idle_request_channels: Mutex::new(Vec::new()),
                         });
                         shared.live.send_replace(Some(live.clone()));
                         shared.generation.send_replace(generation);

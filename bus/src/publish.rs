@@ -15,6 +15,7 @@ use lapin::types::{FieldTable, ShortString};
 use lapin::{BasicProperties, Channel, Confirmation};
 use tracing::{debug, warn};
 
+use crate::connection::Live;
 use crate::error::is_not_sent;
 use crate::{Bus, BusError};
 
@@ -164,10 +165,13 @@ impl Bus {
     }
 
     /// Sends a request with `reply_to` set to RabbitMQ's direct reply-to and waits up to
-    /// `timeout` for the one reply (enrollment, DESIGN §5). The request is published with a
-    /// confirm on a channel of its own, which also carries the reply consumer, as direct
-    /// reply-to requires. Publish errors are those of [`Bus::publish`]; then
-    /// [`BusError::Timeout`] if no reply came (the request was routed; retry with the same
+    /// `timeout` for its reply (enrollment, DESIGN §5). The reply is the first delivery whose
+    /// `correlation_id` is the request's (set to its `message_id` when the caller left it empty;
+    /// repliers echo it, as the node does), so a late or duplicated answer to an earlier request
+    /// is skipped. The request is published with a confirm on a channel that carries the reply
+    /// consumer, as direct reply-to requires; such channels are kept for the next request after
+    /// a reply, and closed after anything else. Publish errors are those of [`Bus::publish`];
+    /// then [`BusError::Timeout`] if no reply came (the request was routed; retry with the same
     /// `message_id`), or [`BusError::Unknown`] if the connection dropped while waiting.
     pub async fn request(
         &self,
@@ -177,6 +181,9 @@ impl Bus {
         timeout: Duration,
     ) -> Result<RpcReply, BusError> {
         msg.reply_to = Some(DIRECT_REPLY_TO.to_owned());
+        if msg.correlation_id.is_none() {
+            msg.correlation_id = Some(msg.message_id.clone());
+        }
         msg.check()?;
         if self.shared.shutdown.is_cancelled() {
             return Err(BusError::Shutdown);
@@ -186,12 +193,55 @@ impl Bus {
             slot = self.shared.publish_slots.acquire() => slot.map_err(|_| BusError::Shutdown)?,
         };
         let live = self.current().ok_or(BusError::NotConnected)?;
+        let mut rc = RequestChannel::take(&live).await?;
+        if let Err(e) = send_confirmed(&rc.channel, exchange, routing_key, &msg).await {
+            rc.close().await;
+            return Err(e);
+        }
+        let correlation = msg.correlation_id.as_deref().unwrap_or_default();
+        let reply = tokio::select! {
+            _ = self.shared.shutdown.cancelled() => Err(BusError::Shutdown),
+            r = tokio::time::timeout(timeout, rc.reply_to(correlation)) => {
+                r.unwrap_or(Err(BusError::Timeout(timeout)))
+            }
+        };
+        match reply {
+            Ok(_) => rc.give_back(&live, self.shared.config.max_publishes_in_flight),
+            Err(_) => rc.close().await,
+        }
+        reply
+    }
+}
+
+/// A confirm-mode channel with a consumer on direct reply-to: what one [`Bus::request`] needs.
+/// Opening one costs the broker a channel (three processes) and two more round trips, so they
+/// are kept between requests instead of opened and closed for each (one per enrolling host).
+pub(crate) struct RequestChannel {
+    channel: Channel,
+    replies: lapin::Consumer,
+}
+
+impl RequestChannel {
+    /// A free one of the connection's, or a new one.
+    async fn take(live: &Live) -> Result<RequestChannel, BusError> {
+        loop {
+            let idle = live
+                .idle_request_channels
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .pop();
+            match idle {
+                Some(rc) if rc.channel.status().connected() => return Ok(rc),
+                Some(_) => continue,
+                None => break,
+            }
+        }
         let channel = live.conn.create_channel().await?;
         let no_ack = BasicConsumeOptions {
             no_ack: true,
             ..BasicConsumeOptions::default()
         };
-        let mut replies = channel
+        let replies = channel
             .basic_consume(
                 DIRECT_REPLY_TO.into(),
                 "".into(),
@@ -202,20 +252,47 @@ impl Bus {
         channel
             .confirm_select(ConfirmSelectOptions::default())
             .await?;
-        send_confirmed(&channel, exchange, routing_key, &msg).await?;
-        let reply = tokio::select! {
-            _ = self.shared.shutdown.cancelled() => Err(BusError::Shutdown),
-            r = tokio::time::timeout(timeout, replies.next()) => match r {
-                Err(_) => Err(BusError::Timeout(timeout)),
-                Ok(Some(Ok(d))) => Ok(RpcReply::from_lapin(d)),
-                Ok(Some(Err(e))) => Err(BusError::Unknown(e.to_string())),
-                Ok(None) => Err(BusError::Unknown("reply consumer cancelled".into())),
-            },
-        };
-        if channel.status().connected() {
-            let _ = channel.close(200, "request done".into()).await;
+        Ok(RequestChannel { channel, replies })
+    }
+
+    /// The next reply that answers `correlation`; others (answers to requests this channel
+    /// gave up on, or duplicates) are dropped.
+    async fn reply_to(&mut self, correlation: &str) -> Result<RpcReply, BusError> {
+        loop {
+            match self.replies.next().await {
+                Some(Ok(d)) => {
+                    let reply = RpcReply::from_lapin(d);
+                    if reply.correlation_id.as_deref() == Some(correlation) {
+                        return Ok(reply);
+                    }
+                    debug!(
+                        expected = correlation,
+                        got = ?reply.correlation_id,
+                        "dropped a reply to another request"
+                    );
+                }
+                Some(Err(e)) => return Err(BusError::Unknown(e.to_string())),
+                None => return Err(BusError::Unknown("reply consumer cancelled".into())),
+            }
         }
-        reply
+    }
+
+    fn give_back(self, live: &Live, max_idle: usize) {
+        if self.channel.status().connected() {
+            let mut idle = live
+                .idle_request_channels
+                .lock()
+                .unwrap_or_else(|e| e.into_inner());
+            if idle.len() < max_idle {
+                idle.push(self);
+            }
+        }
+    }
+
+    async fn close(self) {
+        if self.channel.status().connected() {
+            let _ = self.channel.close(200, "request done".into()).await;
+        }
     }
 }
 

@@ -360,15 +360,12 @@ async fn the_broker_holds_an_agent_to_its_own_keys_and_the_bus_recovers() {
     shutdown.cancel();
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn requests_get_their_reply_through_direct_reply_to() {
-    let names = kit::unique_names();
-    let _cleanup = kit::Cleanup {
-        prefix: names.prefix().to_owned(),
-        users: vec![],
-    };
-    let shutdown = CancellationToken::new();
-    let node = start(kit::amqp_url(), "node", &shutdown);
+/// A node's bus that declares the core topology, and a client's bus, both connected.
+async fn node_and_client(
+    names: &comodit_protocol::Names,
+    shutdown: &CancellationToken,
+) -> (Bus, Bus) {
+    let node = start(kit::amqp_url(), "node", shutdown);
     {
         let names = names.clone();
         node.on_connect(move |ch| {
@@ -377,8 +374,20 @@ async fn requests_get_their_reply_through_direct_reply_to() {
         });
     }
     node.wait_connected(common::DEADLINE).await.unwrap();
-    let client = start(kit::amqp_url(), "client", &shutdown);
+    let client = start(kit::amqp_url(), "client", shutdown);
     client.wait_connected(common::DEADLINE).await.unwrap();
+    (node, client)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn requests_get_their_reply_through_direct_reply_to() {
+    let names = kit::unique_names();
+    let _cleanup = kit::Cleanup {
+        prefix: names.prefix().to_owned(),
+        users: vec![],
+    };
+    let shutdown = CancellationToken::new();
+    let (node, client) = node_and_client(&names, &shutdown).await;
 
     // Nobody answers yet: the request is routed (mandatory passes) and times out.
     let mut req = OutMessage::json("enroll", b"{\"token\":\"t\"}".to_vec());
@@ -438,6 +447,70 @@ async fn requests_get_their_reply_through_direct_reply_to() {
 
     shutdown.cancel();
     assert_eq!(responder.await.unwrap(), 2);
+}
+
+/// Requests reuse their channel (the same reply-to address every time), and a duplicated
+/// answer to an earlier request, which then lands on the reused channel, is not taken for the
+/// answer to the next one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn requests_reuse_their_channel_and_skip_answers_to_others() {
+    let names = kit::unique_names();
+    let _cleanup = kit::Cleanup {
+        prefix: names.prefix().to_owned(),
+        users: vec![],
+    };
+    let shutdown = CancellationToken::new();
+    let (node, client) = node_and_client(&names, &shutdown).await;
+
+    // The responder answers every request twice, the second time after a pause, so that the
+    // duplicate reaches the client while its next request waits.
+    let mut requests = node.consume(&names.enroll(), ConsumeOptions::default());
+    let responder = {
+        let node = node.clone();
+        tokio::spawn(async move {
+            let mut reply_tos = Vec::new();
+            while let Some(d) = requests.next().await {
+                let reply_to = d.reply_to.clone().expect("requests carry reply_to");
+                let mut reply = OutMessage::json("enroll_reply", d.payload.clone());
+                reply.correlation_id = d.correlation_id.clone();
+                node.publish("", &reply_to, reply.clone()).await.unwrap();
+                d.ack().await.unwrap();
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                reply.message_id = format!("{}-again", reply.message_id);
+                node.publish("", &reply_to, reply).await.unwrap();
+                reply_tos.push(reply_to);
+            }
+            reply_tos
+        })
+    };
+    for n in 0..3 {
+        let payload = format!("{{\"n\":{n}}}").into_bytes();
+        let mut req = OutMessage::json("enroll", payload.clone());
+        req.mandatory = true;
+        let reply = client
+            .request(
+                &names.enroll(),
+                topology::ENROLL_ROUTING_KEY,
+                req.clone(),
+                common::DEADLINE,
+            )
+            .await
+            .unwrap();
+        assert_eq!(reply.payload, payload, "request {n} got another's answer");
+        // Left empty by the caller, the correlation id is the message id.
+        assert_eq!(
+            reply.correlation_id.as_deref(),
+            Some(req.message_id.as_str())
+        );
+    }
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    shutdown.cancel();
+    let reply_tos = responder.await.unwrap();
+    assert_eq!(reply_tos.len(), 3);
+    assert!(
+        reply_tos.iter().all(|r| r == &reply_tos[0]),
+        "one channel for sequential requests: {reply_tos:?}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
