@@ -66,12 +66,10 @@ pub(crate) struct Shared {
 pub(crate) struct Live {
     pub(crate) generation: u64,
     pub(crate) conn: Connection,
-    /// Confirm-mode channels free for the next publish.
-    idle_publish_channels: Mutex<Vec<Channel>>,
-    /// The most idle channels kept: the connection's publish slots.
-    max_idle_publish_channels: usize,
+    /// Confirm-mode channels free for the next publish, at most the connection's publish slots.
+    idle_publish_channels: IdlePool<Channel>,
     /// Channels that carry a direct reply-to consumer, free for the next [`Bus::request`].
-    pub(crate) idle_request_channels: Mutex<Vec<crate::publish::RequestChannel>>,
+    pub(crate) idle_request_channels: IdlePool<crate::publish::RequestChannel>,
 }
 
 impl Live {
@@ -81,17 +79,8 @@ impl Live {
 
     /// A confirm-mode channel for one publish: a free one, or a new one.
     pub(crate) async fn take_publish_channel(&self) -> Result<Channel, BusError> {
-        loop {
-            let idle = self
-                .idle_publish_channels
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .pop();
-            match idle {
-                Some(ch) if ch.status().connected() => return Ok(ch),
-                Some(_) => continue,
-                None => break,
-            }
+        if let Some(ch) = self.idle_publish_channels.take() {
+            return Ok(ch);
         }
         let ch = self.conn.create_channel().await?;
         ch.confirm_select(ConfirmSelectOptions::default()).await?;
@@ -100,13 +89,43 @@ impl Live {
 
     /// Gives a channel back after its publish was confirmed (or nacked, or returned).
     pub(crate) fn return_publish_channel(&self, ch: Channel) {
-        if ch.status().connected() {
-            let mut idle = self
-                .idle_publish_channels
-                .lock()
-                .unwrap_or_else(|e| e.into_inner());
-            if idle.len() < self.max_idle_publish_channels {
-                idle.push(ch);
+        self.idle_publish_channels.give_back(ch);
+    }
+}
+
+/// Channels (or what wraps one) kept for reuse on one connection: at most `max`, and only
+/// while `usable` says their channel is still open.
+pub(crate) struct IdlePool<T> {
+    items: Mutex<Vec<T>>,
+    max: usize,
+    usable: fn(&T) -> bool,
+}
+
+impl<T> IdlePool<T> {
+    pub(crate) fn new(max: usize, usable: fn(&T) -> bool) -> IdlePool<T> {
+        IdlePool {
+            items: Mutex::new(Vec::new()),
+            max,
+            usable,
+        }
+    }
+
+    /// A kept item still usable; those that are not any more are dropped on the way.
+    pub(crate) fn take(&self) -> Option<T> {
+        loop {
+            let item = self.items.lock().unwrap_or_else(|e| e.into_inner()).pop()?;
+            if (self.usable)(&item) {
+                return Some(item);
+            }
+        }
+    }
+
+    /// Keeps `item` for the next taker, unless it is unusable or the pool is full.
+    pub(crate) fn give_back(&self, item: T) {
+        if (self.usable)(&item) {
+            let mut items = self.items.lock().unwrap_or_else(|e| e.into_inner());
+            if items.len() < self.max {
+                items.push(item);
             }
         }
     }
@@ -256,9 +275,14 @@ async fn connection_task(shared: Arc<Shared>) {
                         let live = Arc::new(Live {
                             generation,
                             conn,
-                            idle_publish_channels: Mutex::new(Vec::new()),
-                            max_idle_publish_channels: shared.config.max_publishes_in_flight,
-                            idle_request_channels: Mutex::new(Vec::new()),
+                            idle_publish_channels: IdlePool::new(
+                                shared.config.max_publishes_in_flight,
+                                |ch| ch.status().connected(),
+                            ),
+                            idle_request_channels: IdlePool::new(
+                                shared.config.max_publishes_in_flight,
+                                crate::publish::RequestChannel::is_open,
+                            ),
                         });
                         shared.live.send_replace(Some(live.clone()));
                         shared.generation.send_replace(generation);

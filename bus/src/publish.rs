@@ -181,9 +181,11 @@ impl Bus {
         timeout: Duration,
     ) -> Result<RpcReply, BusError> {
         msg.reply_to = Some(DIRECT_REPLY_TO.to_owned());
-        if msg.correlation_id.is_none() {
-            msg.correlation_id = Some(msg.message_id.clone());
-        }
+        let correlation = msg
+            .correlation_id
+            .clone()
+            .unwrap_or_else(|| msg.message_id.clone());
+        msg.correlation_id = Some(correlation.clone());
         msg.check()?;
         if self.shared.shutdown.is_cancelled() {
             return Err(BusError::Shutdown);
@@ -198,15 +200,14 @@ impl Bus {
             rc.close().await;
             return Err(e);
         }
-        let correlation = msg.correlation_id.as_deref().unwrap_or_default();
         let reply = tokio::select! {
             _ = self.shared.shutdown.cancelled() => Err(BusError::Shutdown),
-            r = tokio::time::timeout(timeout, rc.reply_to(correlation)) => {
+            r = tokio::time::timeout(timeout, rc.reply_to(&correlation)) => {
                 r.unwrap_or(Err(BusError::Timeout(timeout)))
             }
         };
         match reply {
-            Ok(_) => rc.give_back(&live, self.shared.config.max_publishes_in_flight),
+            Ok(_) => live.idle_request_channels.give_back(rc),
             Err(_) => rc.close().await,
         }
         reply
@@ -224,17 +225,8 @@ pub(crate) struct RequestChannel {
 impl RequestChannel {
     /// A free one of the connection's, or a new one.
     async fn take(live: &Live) -> Result<RequestChannel, BusError> {
-        loop {
-            let idle = live
-                .idle_request_channels
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .pop();
-            match idle {
-                Some(rc) if rc.channel.status().connected() => return Ok(rc),
-                Some(_) => continue,
-                None => break,
-            }
+        if let Some(rc) = live.idle_request_channels.take() {
+            return Ok(rc);
         }
         let channel = live.conn.create_channel().await?;
         let no_ack = BasicConsumeOptions {
@@ -277,20 +269,12 @@ impl RequestChannel {
         }
     }
 
-    fn give_back(self, live: &Live, max_idle: usize) {
-        if self.channel.status().connected() {
-            let mut idle = live
-                .idle_request_channels
-                .lock()
-                .unwrap_or_else(|e| e.into_inner());
-            if idle.len() < max_idle {
-                idle.push(self);
-            }
-        }
+    pub(crate) fn is_open(&self) -> bool {
+        self.channel.status().connected()
     }
 
     async fn close(self) {
-        if self.channel.status().connected() {
+        if self.is_open() {
             let _ = self.channel.close(200, "request done".into()).await;
         }
     }
