@@ -462,22 +462,23 @@ async fn requests_reuse_their_channel_and_skip_answers_to_others() {
     let shutdown = CancellationToken::new();
     let (node, client) = node_and_client(&names, &shutdown).await;
 
-    // The responder answers every request twice, the second time after a pause, so that the
-    // duplicate reaches the client while its next request waits.
+    // The responder answers each of the three requests twice. The duplicate is confirmed before
+    // the responder reads the next request, so it reaches the client's channel before the next
+    // request's answer does.
     let mut requests = node.consume(&names.enroll(), ConsumeOptions::default());
     let responder = {
         let node = node.clone();
         tokio::spawn(async move {
             let mut reply_tos = Vec::new();
-            while let Some(d) = requests.next().await {
+            for _ in 0..3 {
+                let d = requests.next().await.expect("a request");
                 let reply_to = d.reply_to.clone().expect("requests carry reply_to");
                 let mut reply = OutMessage::json("enroll_reply", d.payload.clone());
                 reply.correlation_id = d.correlation_id.clone();
                 node.publish("", &reply_to, reply.clone()).await.unwrap();
-                d.ack().await.unwrap();
-                tokio::time::sleep(Duration::from_millis(50)).await;
                 reply.message_id = format!("{}-again", reply.message_id);
                 node.publish("", &reply_to, reply).await.unwrap();
+                d.ack().await.unwrap();
                 reply_tos.push(reply_to);
             }
             reply_tos
@@ -503,10 +504,8 @@ async fn requests_reuse_their_channel_and_skip_answers_to_others() {
             Some(req.message_id.as_str())
         );
     }
-    tokio::time::sleep(Duration::from_millis(200)).await;
-    shutdown.cancel();
     let reply_tos = responder.await.unwrap();
-    assert_eq!(reply_tos.len(), 3);
+    shutdown.cancel();
     assert!(
         reply_tos.iter().all(|r| r == &reply_tos[0]),
         "one channel for sequential requests: {reply_tos:?}"
